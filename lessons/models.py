@@ -1,0 +1,25 @@
+from django.db import models
+from django.urls import reverse
+
+
+class Lesson(models.Model):
+    slug = models.SlugField(unique=True)
+    title = models.CharField(max_length=200)
+    summary = models.CharField(max_length=400, blank=True)
+    body = models.TextField(help_text="Markdown.")
+    position = models.PositiveIntegerField(default=0)
+    image = models.CharField(
+        max_length=200, blank=True, help_text="The curated image the sandbox runs; empty for the default."
+    )
+    concepts = models.JSONField(default=list, blank=True, help_text="Curriculum concept ids this lesson teaches.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["position", "title"]
+
+    def __str__(self) -> str:
+        return self.title
+
+    def get_absolute_url(self) -> str:
+        return reverse("lessons:detail", kwargs={"slug": self.slug})
