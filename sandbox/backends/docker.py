@@ -1,0 +1,299 @@
+"""Sandboxes as containers on the local Docker engine.
+
+Each sandbox is one container running the image's shell on a TTY, on a network of its own that has no
+egress. Names derive from the session id and every object carries the project's labels, so the reaper
+finds all of them after any crash. Blocking SDK calls run only in workers; the terminal uses aiodocker.
+"""
+
+import logging
+import time
+from typing import Any
+
+import aiodocker
+import docker
+import docker.errors
+import requests.exceptions
+from django.conf import settings
+
+from .base import (
+    EngineUnavailable,
+    ImageMissing,
+    Poll,
+    ProgressCallback,
+    SandboxBackend,
+    SandboxError,
+    SandboxPhase,
+    SandboxSpec,
+)
+
+log = logging.getLogger(__name__)
+
+MANAGED = "layercake.managed"
+SESSION = "layercake.session"
+OWNER = "layercake.owner"
+EXPIRES = "layercake.expires"
+ROLE = "layercake.role"
+NAMESPACE = "layercake.namespace"
+
+# An image labelled so is a workstation: its docker CLI talks to the session's gateway socket.
+WORKSTATION_LABEL = "layercake.workstation"
+GATEWAY_MOUNT = "/run/layercake"
+# What a root shell needs to work on its own files; everything else is dropped.
+ROOT_SHELL_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"]
+# Output kept by the engine for a terminal that attaches after the shell has already written (its prompt),
+# or after the web process restarted. The terminal's own replay buffer covers the rest.
+LOG_CONFIG = {"Type": "local", "Config": {"max-size": "1m", "max-file": "1", "compress": "false"}}
+
+
+def sandbox_name(session_id: int) -> str:
+    return f"{settings.SANDBOX_NAMESPACE}-sb-{session_id}"
+
+
+def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
+    return {
+        MANAGED: "1",
+        NAMESPACE: settings.SANDBOX_NAMESPACE,
+        SESSION: str(spec.session_id),
+        OWNER: spec.owner_key,
+        EXPIRES: str(spec.expires_at),
+        **spec.labels,
+    }
+
+
+def _gone(exc: docker.errors.APIError) -> bool:
+    return exc.status_code in (404, 409)
+
+
+class DockerBackend(SandboxBackend):
+    def __init__(self) -> None:
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = docker.DockerClient(base_url=settings.SANDBOX_DOCKER_URL, timeout=30)
+        return self._client
+
+    def start(self, spec: SandboxSpec, *, progress: ProgressCallback) -> dict[str, Any]:
+        name = sandbox_name(spec.session_id)
+        state: dict[str, Any] = {"container": name, "network": name, "gateway": False}
+        try:
+            progress("creating")
+            image = self._image_config(spec.image)
+            state["gateway"] = (image.get("Labels") or {}).get(WORKSTATION_LABEL) == "1"
+            self._create_network(name, spec)
+            container_id = self._create_container(name, spec, image, gateway=state["gateway"])
+            state["container_id"] = container_id
+            progress("starting")
+            self.client.api.start(container_id)
+        except ImageMissing:
+            self.stop(state)
+            raise
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            self.stop(state)
+            if isinstance(exc, docker.errors.APIError):
+                raise SandboxError(f"the engine refused the sandbox: {exc.explanation}") from exc
+            raise EngineUnavailable(str(exc)) from exc
+        except BaseException:
+            self.stop(state)
+            raise
+        return state
+
+    def _image_config(self, image: str) -> dict[str, Any]:
+        try:
+            config: dict[str, Any] = self.client.api.inspect_image(image)["Config"] or {}
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(f"image {image} is not on this host; build the curated images") from exc
+        return config
+
+    def _create_network(self, name: str, spec: SandboxSpec) -> None:
+        try:
+            self.client.api.create_network(
+                name,
+                driver="bridge",
+                internal=True,
+                labels=sandbox_labels(spec),
+                check_duplicate=True,
+            )
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+
+    def _create_container(self, name: str, spec: SandboxSpec, image: dict[str, Any], *, gateway: bool) -> str:
+        api = self.client.api
+        seconds_left = max(1, spec.expires_at - int(time.time()))
+        # The timer inside the container ends it at its expiry even when no worker is left to do so;
+        # AutoRemove then removes it.
+        entrypoint = ["timeout", "-s", "KILL", str(seconds_left), *(image.get("Entrypoint") or [])]
+        command = image.get("Cmd") or ["sh"]
+        binds = []
+        if gateway:
+            from sandbox.gateway.client import gateway_session_open
+
+            directory = gateway_session_open(
+                session_id=spec.session_id,
+                owner_key=spec.owner_key,
+                expires_at=spec.expires_at,
+                memory_budget_mb=spec.memory_mb,
+                max_containers=settings.SANDBOX_STUDENT_MAX_CONTAINERS,
+            )
+            binds.append(f"{directory}:{GATEWAY_MOUNT}:rw")
+        # The image's own user runs the shell; a root shell keeps the few capabilities it needs.
+        runs_as_root = (image.get("User") or "root").split(":")[0] in ("", "0", "root")
+        host_config = api.create_host_config(
+            mem_limit=f"{spec.memory_mb}m",
+            memswap_limit=f"{spec.memory_mb}m",
+            nano_cpus=spec.cpu_milli * 1_000_000,
+            pids_limit=spec.pids_limit,
+            cap_drop=["ALL"],
+            cap_add=ROOT_SHELL_CAPS if runs_as_root else [],
+            security_opt=["no-new-privileges:true"],
+            init=True,
+            auto_remove=True,
+            network_mode=name,
+            binds=binds or None,
+            log_config=LOG_CONFIG,
+            read_only=False,
+        )
+        created = api.create_container(
+            image=spec.image,
+            name=name,
+            entrypoint=entrypoint,
+            command=command,
+            tty=True,
+            stdin_open=True,
+            environment={"TERM": "xterm-256color", "LANG": "C.UTF-8"},
+            labels={**sandbox_labels(spec), ROLE: "workstation" if gateway else "shell"},
+            host_config=host_config,
+            hostname="sandbox",
+        )
+        return str(created["Id"])
+
+    def stop(self, state: dict[str, Any]) -> None:
+        name = state.get("container")
+        if not name:
+            return
+        api = self.client.api
+        try:
+            api.remove_container(name, force=True, v=True)
+        except docker.errors.APIError as exc:
+            if not _gone(exc):
+                raise
+        session_id = int(str(name).rsplit("-", 1)[1])
+        if state.get("gateway"):
+            from sandbox.gateway.client import gateway_session_close, gateway_session_purge
+
+            gateway_session_purge(session_id=session_id)
+            gateway_session_close(session_id=session_id)
+        self._remove_network(state.get("network") or name)
+
+    def _remove_network(self, name: str) -> None:
+        try:
+            self.client.api.remove_network(name)
+        except docker.errors.APIError as exc:
+            if not _gone(exc):
+                raise
+
+    def poll(self, state: dict[str, Any]) -> Poll:
+        try:
+            info = self.client.api.inspect_container(state["container"])
+        except docker.errors.NotFound:
+            return Poll(SandboxPhase.MISSING)
+        if info["State"]["Running"]:
+            return Poll(SandboxPhase.RUNNING)
+        return Poll(SandboxPhase.EXITED, exit_code=info["State"].get("ExitCode"))
+
+    def reap(self, *, keep: set[int]) -> list[str]:
+        api = self.client.api
+        removed: list[str] = []
+        mine = {"label": [f"{MANAGED}=1", f"{NAMESPACE}={settings.SANDBOX_NAMESPACE}"]}
+        for container in api.containers(all=True, filters=mine):
+            session = _session_of(container.get("Labels") or {})
+            if session is None or session in keep:
+                continue
+            try:
+                api.remove_container(container["Id"], force=True, v=True)
+                removed.append(f"container {container['Names'][0].lstrip('/')}")
+            except docker.errors.APIError as exc:
+                if not _gone(exc):
+                    raise
+        for network in api.networks(filters=mine):
+            session = _session_of(network.get("Labels") or {})
+            if session is None or session in keep:
+                continue
+            try:
+                api.remove_network(network["Id"])
+                removed.append(f"network {network['Name']}")
+            except docker.errors.APIError as exc:
+                if not _gone(exc):
+                    raise
+        for volume in (api.volumes(filters=mine) or {}).get("Volumes") or []:
+            session = _session_of(volume.get("Labels") or {})
+            if session is None or session in keep:
+                continue
+            try:
+                api.remove_volume(volume["Name"], force=True)
+                removed.append(f"volume {volume['Name']}")
+            except docker.errors.APIError as exc:
+                if not _gone(exc):
+                    raise
+        return removed
+
+    async def open_terminal(self, state: dict[str, Any], *, replay: bool) -> "DockerTerminal":
+        terminal = DockerTerminal(state["container"])
+        await terminal.open(replay=replay)
+        return terminal
+
+
+def _session_of(labels: dict[str, str]) -> int | None:
+    try:
+        return int(labels[SESSION])
+    except (KeyError, ValueError):
+        return None
+
+
+class DockerTerminal:
+    """The sandbox shell's TTY, attached over the engine's API without blocking the event loop."""
+
+    def __init__(self, container: str) -> None:
+        self._container_name = container
+        self._docker: aiodocker.Docker | None = None
+        self._stream: Any = None
+        self._container: Any = None
+
+    async def open(self, *, replay: bool) -> None:
+        url = settings.SANDBOX_DOCKER_URL
+        self._docker = aiodocker.Docker(url=url)
+        try:
+            self._container = await self._docker.containers.get(self._container_name)
+            self._stream = self._container.attach(stdin=True, stdout=True, stderr=True, logs=replay)
+            await self._stream._init()
+        except aiodocker.DockerError as exc:
+            await self.close()
+            if exc.status == 404:
+                raise SandboxError("the sandbox container is gone") from exc
+            raise SandboxError(f"cannot attach to the sandbox: {exc.message}") from exc
+        except (TimeoutError, OSError) as exc:
+            await self.close()
+            raise EngineUnavailable(str(exc)) from exc
+
+    async def read(self) -> bytes | None:
+        message = await self._stream.read_out()
+        return None if message is None else bytes(message.data)
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write_in(data)
+
+    async def resize(self, *, cols: int, rows: int) -> None:
+        try:
+            await self._container.resize(h=rows, w=cols)
+        except aiodocker.DockerError as exc:
+            log.info("resize of %s refused: %s", self._container_name, exc)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.close()
+        if self._docker is not None:
+            docker_client, self._docker = self._docker, None
+            await docker_client.close()

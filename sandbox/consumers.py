@@ -1,0 +1,172 @@
+"""The terminal websocket: authenticates the browser, then relays between it and the sandbox's shell."""
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from . import protocol, services
+from .backends.base import SandboxError
+from .models import Sandbox, SandboxState
+from .owners import owner_key_for_scope
+from .terminal import TerminalRelay, terminal_close, terminal_relay
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0
+ENDED_STATES = {SandboxState.ENDED, SandboxState.FAILED, SandboxState.STOPPING}
+
+
+@database_sync_to_async
+def _owned_sandbox(sandbox_id: int, owner_key: str | None) -> Sandbox | None:
+    if owner_key is None:
+        return None
+    return Sandbox.objects.filter(pk=sandbox_id, owner_key=owner_key).select_related("lesson").first()
+
+
+@database_sync_to_async
+def _refresh(sandbox: Sandbox) -> Sandbox:
+    sandbox.refresh_from_db()
+    return sandbox
+
+
+_touch = database_sync_to_async(services.sandbox_touch)
+_shell_gone = database_sync_to_async(services.sandbox_shell_gone)
+_message = database_sync_to_async(services.sandbox_message)
+
+
+class TerminalConsumer(AsyncWebsocketConsumer):
+    sandbox: Sandbox | None
+    relay: TerminalRelay | None
+    hello: protocol.Hello | None
+
+    async def connect(self) -> None:
+        self.sandbox = None
+        self.relay = None
+        self.hello = None
+        self.size: protocol.Resize | None = None
+        self.last_touch = 0.0
+        self.max_frame = settings.TERMINAL_MAX_FRAME_BYTES
+        self.hello_timer: asyncio.TimerHandle | None = None
+        self.closing: asyncio.Task[None] | None = None
+        sandbox_id = int(self.scope["url_route"]["kwargs"]["pk"])
+        sandbox = await _owned_sandbox(sandbox_id, owner_key_for_scope(self.scope))
+        await self.accept()
+        if sandbox is None:
+            # Someone else's sandbox and one that does not exist look the same.
+            await self.close(code=protocol.CLOSE_FORBIDDEN)
+            return
+        self.sandbox = sandbox
+        self.group = services.sandbox_group(sandbox.pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._hello_overdue)
+
+    def _hello_overdue(self) -> None:
+        if self.hello is None:
+            self.closing = asyncio.ensure_future(self.close(code=protocol.CLOSE_PROTOCOL))
+
+    async def disconnect(self, code: int) -> None:
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+        if self.sandbox is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.relay is not None:
+            self.relay.detach(self)
+            self.relay = None
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.sandbox is None:
+            return
+        if bytes_data is None:
+            await self.close(code=protocol.CLOSE_PROTOCOL)
+            return
+        try:
+            frame = protocol.parse_client_frame(bytes_data, max_bytes=self.max_frame)
+        except protocol.ProtocolError as exc:
+            log.info("terminal %s: closing on a bad frame: %s", self.sandbox.pk, exc)
+            await self.close(code=protocol.CLOSE_PROTOCOL)
+            return
+        if isinstance(frame, protocol.Hello):
+            if self.hello is None:
+                self.hello = frame
+                await self._send_state(await _refresh(self.sandbox))
+            return
+        if self.hello is None:
+            await self.close(code=protocol.CLOSE_PROTOCOL)
+            return
+        if isinstance(frame, protocol.Input):
+            if self.relay is not None and frame.data:
+                await self.relay.write(frame.data)
+                await self._note_activity()
+        elif isinstance(frame, protocol.Resize):
+            if protocol.resize_is_sane(frame):
+                self.size = frame
+                if self.relay is not None:
+                    await self.relay.resize(cols=frame.cols, rows=frame.rows)
+        elif isinstance(frame, protocol.Ack) and self.relay is not None:
+            self.relay.ack(self, offset=frame.offset)
+
+    async def _note_activity(self) -> None:
+        now = time.monotonic()
+        if now - self.last_touch >= settings.TERMINAL_ACTIVITY_WRITE_INTERVAL:
+            self.last_touch = now
+            assert self.sandbox is not None
+            await _touch(sandbox_id=self.sandbox.pk)
+
+    async def _send_state(self, sandbox: Sandbox) -> None:
+        await self.send(
+            bytes_data=protocol.status_frame(sandbox.state, sandbox.end_reason, await _message(sandbox=sandbox))
+        )
+        if sandbox.state == SandboxState.READY and self.relay is None:
+            await self._attach(sandbox)
+        elif sandbox.state in ENDED_STATES:
+            await terminal_close(sandbox_id=sandbox.pk)
+            await self.close(code=protocol.CLOSE_ENDED)
+
+    async def _attach(self, sandbox: Sandbox) -> None:
+        assert self.hello is not None
+        sandbox_id = sandbox.pk
+
+        async def on_gone() -> None:
+            await _shell_gone(sandbox_id=sandbox_id)
+
+        try:
+            relay = await terminal_relay(
+                sandbox_id=sandbox_id,
+                backend_state=sandbox.backend_state,
+                replay_bytes=settings.TERMINAL_REPLAY_BYTES,
+                window_bytes=settings.TERMINAL_WINDOW_BYTES,
+                on_gone=on_gone,
+            )
+        except SandboxError:
+            log.warning("terminal %s: cannot attach", sandbox_id, exc_info=True)
+            await _shell_gone(sandbox_id=sandbox_id)
+            await self.close(code=protocol.CLOSE_UNAVAILABLE)
+            return
+        self.relay = relay
+        if self.size is not None:
+            await relay.resize(cols=self.size.cols, rows=self.size.rows)
+        await relay.attach(self, has_screen=self.hello.has_screen, offset=self.hello.offset)
+
+    # The relay's side.
+    async def send_output(self, *, offset: int, data: bytes) -> None:
+        await self.send(bytes_data=protocol.output_frame(offset, data))
+
+    async def send_replay(self, *, offset: int, data: bytes) -> None:
+        await self.send(bytes_data=protocol.replay_frame(offset, data))
+
+    async def detached(self, *, reason: str) -> None:
+        self.relay = None
+        if reason == "elsewhere":
+            await self.close(code=protocol.CLOSE_ELSEWHERE)
+
+    # The channel layer's side.
+    async def sandbox_status(self, event: dict[str, Any]) -> None:
+        if self.sandbox is None or self.hello is None:
+            return
+        self.sandbox = await _refresh(self.sandbox)
+        await self._send_state(self.sandbox)

@@ -1,0 +1,14 @@
+"""Reads of sandboxes used by more than one place."""
+
+from lessons.models import Lesson
+
+from .models import Sandbox
+
+
+def sandbox_for_owner(*, owner_key: str, lesson: Lesson | None) -> Sandbox | None:
+    """The owner's most recent sandbox for the lesson: the live one, else the last that ended."""
+    return Sandbox.objects.filter(owner_key=owner_key, lesson=lesson).order_by("-created_at").first()
+
+
+def sandbox_owned(*, owner_key: str, sandbox_id: int) -> Sandbox | None:
+    return Sandbox.objects.filter(pk=sandbox_id, owner_key=owner_key).first()

@@ -1,0 +1,238 @@
+"""Everything that changes a sandbox's state. Views, tasks and consumers call these and nothing else."""
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+from django.utils import timezone
+
+from lessons.models import Lesson
+
+from .backends import get_backend
+from .backends.base import (
+    CapacityExhausted,
+    EngineUnavailable,
+    ImageMissing,
+    SandboxError,
+    SandboxPhase,
+    SandboxSpec,
+)
+from .models import ACTIVE_STATES, EndReason, Sandbox, SandboxState
+
+log = logging.getLogger(__name__)
+
+
+class SandboxFull(Exception):
+    """The host is at capacity: the student should try again shortly."""
+
+
+def sandbox_group(sandbox_id: int) -> str:
+    return f"sandbox.{sandbox_id}"
+
+
+def sandbox_publish(*, sandbox: Sandbox) -> None:
+    """Tell every terminal watching this sandbox about its state."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    event = {
+        "type": "sandbox.status",
+        "state": sandbox.state,
+        "reason": sandbox.end_reason,
+        "message": sandbox_message(sandbox=sandbox),
+    }
+    try:
+        async_to_sync(layer.group_send)(sandbox_group(sandbox.pk), event)
+    except Exception:
+        log.warning("could not publish the state of sandbox %s", sandbox.pk, exc_info=True)
+
+
+def sandbox_message(*, sandbox: Sandbox) -> str:
+    if sandbox.message:
+        return sandbox.message
+    return sandbox.get_end_reason_display() if sandbox.end_reason else ""
+
+
+def _image_for(lesson: Lesson | None) -> str:
+    return (lesson.image if lesson and lesson.image else "") or settings.SANDBOX_IMAGE
+
+
+def sandbox_start(
+    *, owner_key: str, user: AbstractBaseUser | AnonymousUser | None, lesson: Lesson | None
+) -> Sandbox:
+    """The owner's live sandbox for this lesson, or a new one queued for launch."""
+    with transaction.atomic():
+        existing = Sandbox.objects.active().filter(owner_key=owner_key, lesson=lesson).first()
+        if existing is not None:
+            return existing
+        if Sandbox.objects.active().count() >= settings.SANDBOX_CAPACITY:
+            raise SandboxFull("Every sandbox on this host is in use. Try again in a minute.")
+        now = timezone.now()
+        sandbox = Sandbox.objects.create(
+            owner_key=owner_key,
+            user_id=user.pk if user is not None and user.is_authenticated else None,
+            lesson=lesson,
+            image=_image_for(lesson),
+            state=SandboxState.QUEUED,
+            last_activity_at=now,
+            expires_at=now + timedelta(seconds=settings.SANDBOX_MAX_AGE),
+        )
+        from .tasks import sandbox_launch_task
+
+        sandbox_id = sandbox.pk
+        transaction.on_commit(lambda: sandbox_launch_task.delay(sandbox_id))
+    return sandbox
+
+
+def _set_state(sandbox: Sandbox, state: SandboxState, **fields: object) -> None:
+    sandbox.state = state
+    for name, value in fields.items():
+        setattr(sandbox, name, value)
+    sandbox.save(update_fields=["state", *fields.keys()])
+    sandbox_publish(sandbox=sandbox)
+
+
+def sandbox_launch(*, sandbox_id: int) -> None:
+    """Create and start the sandbox's container, moving it through creating and starting to ready."""
+    sandbox = Sandbox.objects.get(pk=sandbox_id)
+    if sandbox.state != SandboxState.QUEUED:
+        return
+    spec = SandboxSpec(
+        session_id=sandbox.pk,
+        owner_key=sandbox.owner_key,
+        image=sandbox.image,
+        expires_at=int(sandbox.expires_at.timestamp()),
+        memory_mb=settings.SANDBOX_MEMORY_MB,
+        cpu_milli=settings.SANDBOX_CPU_MILLI,
+        pids_limit=settings.SANDBOX_PIDS_LIMIT,
+    )
+
+    def progress(step: str) -> None:
+        _set_state(sandbox, SandboxState(step))
+
+    try:
+        state = get_backend().start(spec, progress=progress)
+    except EngineUnavailable:
+        log.exception("engine unreachable while starting sandbox %s", sandbox_id)
+        _end(sandbox, state=SandboxState.FAILED, reason=EndReason.ENGINE_DOWN)
+        return
+    except CapacityExhausted:
+        _end(
+            sandbox,
+            state=SandboxState.FAILED,
+            reason=EndReason.ERROR,
+            message="The host is full right now. Try again shortly.",
+        )
+        return
+    except ImageMissing:
+        log.exception("sandbox %s has no image", sandbox_id)
+        _end(
+            sandbox,
+            state=SandboxState.FAILED,
+            reason=EndReason.ERROR,
+            message="This lesson's image is not installed on the host yet.",
+        )
+        return
+    except SandboxError:
+        log.exception("sandbox %s failed to start", sandbox_id)
+        _end(sandbox, state=SandboxState.FAILED, reason=EndReason.ERROR)
+        return
+    sandbox.backend_state = state
+    _set_state(sandbox, SandboxState.READY, backend_state=state, ready_at=timezone.now())
+
+
+def _end(sandbox: Sandbox, *, state: SandboxState, reason: EndReason, message: str = "") -> None:
+    _set_state(sandbox, state, end_reason=reason, message=message, ended_at=timezone.now())
+
+
+def sandbox_stop(*, sandbox: Sandbox, reason: EndReason) -> Sandbox:
+    """End a sandbox now for `reason`; its container is removed in the background."""
+    with transaction.atomic():
+        updated = Sandbox.objects.filter(pk=sandbox.pk, state__in=ACTIVE_STATES).update(
+            state=SandboxState.STOPPING, end_reason=reason
+        )
+        if updated:
+            from .tasks import sandbox_teardown_task
+
+            sandbox_id = sandbox.pk
+            transaction.on_commit(lambda: sandbox_teardown_task.delay(sandbox_id))
+    sandbox.refresh_from_db()
+    if updated:
+        sandbox_publish(sandbox=sandbox)
+    return sandbox
+
+
+def sandbox_teardown(*, sandbox_id: int) -> None:
+    """Remove what the backend made for the sandbox and mark it ended. Safe to repeat."""
+    sandbox = Sandbox.objects.get(pk=sandbox_id)
+    if sandbox.backend_state:
+        get_backend().stop(sandbox.backend_state)
+    if sandbox.state in (SandboxState.ENDED, SandboxState.FAILED):
+        return
+    reason = EndReason(sandbox.end_reason) if sandbox.end_reason else EndReason.STOPPED
+    _end(sandbox, state=SandboxState.ENDED, reason=reason, message=sandbox.message)
+
+
+def sandbox_touch(*, sandbox_id: int) -> None:
+    """Record that the student used the sandbox, which keeps it from the idle timeout."""
+    Sandbox.objects.filter(pk=sandbox_id, state__in=ACTIVE_STATES).update(last_activity_at=timezone.now())
+
+
+def sandbox_shell_gone(*, sandbox_id: int) -> None:
+    """The terminal lost the shell: find out why and end the sandbox accordingly."""
+    sandbox = Sandbox.objects.get(pk=sandbox_id)
+    if sandbox.state != SandboxState.READY:
+        return
+    poll = get_backend().poll(sandbox.backend_state)
+    if poll.phase == SandboxPhase.RUNNING:
+        return
+    expired = timezone.now() >= sandbox.expires_at - timedelta(seconds=2)
+    sandbox_stop(sandbox=sandbox, reason=EndReason.MAX_AGE if expired else EndReason.EXITED)
+
+
+@dataclass
+class ReapReport:
+    idle: list[int] = field(default_factory=list)
+    expired: list[int] = field(default_factory=list)
+    vanished: list[int] = field(default_factory=list)
+    stuck: list[int] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def sandbox_reap() -> ReapReport:
+    """Reconcile the database with the runtime: end idle, expired, stuck and vanished sandboxes, and remove
+    runtime objects that belong to no live sandbox. Idempotent."""
+    report = ReapReport()
+    now = timezone.now()
+    idle_before = now - timedelta(seconds=settings.SANDBOX_IDLE_TIMEOUT)
+    stuck_before = now - timedelta(seconds=settings.SANDBOX_START_TIMEOUT)
+    backend = get_backend()
+    for sandbox in Sandbox.objects.active():
+        if sandbox.expires_at <= now:
+            sandbox_stop(sandbox=sandbox, reason=EndReason.MAX_AGE)
+            report.expired.append(sandbox.pk)
+        elif sandbox.last_activity_at <= idle_before:
+            sandbox_stop(sandbox=sandbox, reason=EndReason.IDLE)
+            report.idle.append(sandbox.pk)
+        elif sandbox.state != SandboxState.READY and sandbox.created_at <= stuck_before:
+            sandbox_stop(sandbox=sandbox, reason=EndReason.ERROR)
+            report.stuck.append(sandbox.pk)
+        elif (
+            sandbox.state == SandboxState.READY
+            and backend.poll(sandbox.backend_state).phase != SandboxPhase.RUNNING
+        ):
+            sandbox_stop(sandbox=sandbox, reason=EndReason.VANISHED)
+            report.vanished.append(sandbox.pk)
+    for sandbox in Sandbox.objects.filter(state=SandboxState.STOPPING):
+        sandbox_teardown(sandbox_id=sandbox.pk)
+    # Sandboxes still stopping keep their objects until their teardown task has run.
+    keep = set(
+        Sandbox.objects.filter(state__in=[*ACTIVE_STATES, SandboxState.STOPPING]).values_list("pk", flat=True)
+    )
+    report.removed = backend.reap(keep=keep)
+    return report

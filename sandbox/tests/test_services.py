@@ -1,0 +1,112 @@
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from django.test import override_settings
+from django.utils import timezone
+
+from lessons.models import Lesson
+from sandbox import backends, services
+from sandbox.backends.base import EngineUnavailable
+from sandbox.models import EndReason, Sandbox, SandboxState
+
+from .fakes import MemoryBackend
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def memory_backend() -> Iterator[type[MemoryBackend]]:
+    MemoryBackend.running = {}
+    MemoryBackend.fail_with = None
+    backends._backends.clear()
+    with override_settings(SANDBOX_BACKEND="sandbox.tests.fakes.MemoryBackend"):
+        yield MemoryBackend
+    backends._backends.clear()
+
+
+@pytest.fixture
+def lesson() -> Lesson:
+    return Lesson.objects.create(slug="one", title="One", body="text")
+
+
+def _start(lesson: Lesson, owner: str = "anon-a", *, launch: bool = True) -> Sandbox:
+    sandbox = services.sandbox_start(owner_key=owner, user=None, lesson=lesson)
+    if launch:
+        services.sandbox_launch(sandbox_id=sandbox.pk)
+        sandbox.refresh_from_db()
+    return sandbox
+
+
+def test_start_queues_a_launch_after_commit(
+    memory_backend: type[MemoryBackend], lesson: Lesson, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    with django_capture_on_commit_callbacks() as callbacks:
+        sandbox = services.sandbox_start(owner_key="anon-a", user=None, lesson=lesson)
+    assert sandbox.state == SandboxState.QUEUED
+    assert len(callbacks) == 1
+
+
+def test_launch_goes_to_ready(memory_backend: type[MemoryBackend], lesson: Lesson) -> None:
+    sandbox = _start(lesson)
+    assert sandbox.state == SandboxState.READY
+    assert sandbox.pk in memory_backend.running
+
+
+def test_starting_again_returns_the_live_sandbox(memory_backend: type[MemoryBackend], lesson: Lesson) -> None:
+    first = _start(lesson)
+    assert _start(lesson, launch=False).pk == first.pk
+    assert _start(lesson, owner="anon-b", launch=False).pk != first.pk
+
+
+def test_a_full_host_says_so(memory_backend: type[MemoryBackend], lesson: Lesson) -> None:
+    with override_settings(SANDBOX_CAPACITY=1):
+        _start(lesson, owner="anon-a")
+        with pytest.raises(services.SandboxFull, match="Try again"):
+            _start(lesson, owner="anon-b")
+
+
+def test_engine_down_fails_with_a_clear_reason(memory_backend: type[MemoryBackend], lesson: Lesson) -> None:
+    memory_backend.fail_with = EngineUnavailable("connection refused")
+    sandbox = _start(lesson)
+    assert sandbox.state == SandboxState.FAILED
+    assert sandbox.end_reason == EndReason.ENGINE_DOWN
+    assert "not reachable" in services.sandbox_message(sandbox=sandbox)
+
+
+def test_stop_then_teardown_removes_it(memory_backend: type[MemoryBackend], lesson: Lesson) -> None:
+    sandbox = _start(lesson)
+    services.sandbox_stop(sandbox=sandbox, reason=EndReason.STOPPED)
+    services.sandbox_teardown(sandbox_id=sandbox.pk)
+    services.sandbox_teardown(sandbox_id=sandbox.pk)
+    sandbox.refresh_from_db()
+    assert sandbox.state == SandboxState.ENDED
+    assert sandbox.end_reason == EndReason.STOPPED
+    assert memory_backend.running == {}
+
+
+def test_reap_ends_idle_and_expired_sandboxes_and_orphans(
+    memory_backend: type[MemoryBackend], lesson: Lesson
+) -> None:
+    idle = _start(lesson, owner="anon-idle")
+    old = _start(lesson, owner="anon-old")
+    fresh = _start(lesson, owner="anon-fresh")
+    Sandbox.objects.filter(pk=idle.pk).update(last_activity_at=timezone.now() - timedelta(hours=2))
+    Sandbox.objects.filter(pk=old.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    memory_backend.running[999] = memory_backend.running[fresh.pk]
+    report = services.sandbox_reap()
+    assert report.idle == [idle.pk]
+    assert report.expired == [old.pk]
+    assert "sandbox 999" in report.removed
+    assert set(memory_backend.running) == {fresh.pk}
+    idle.refresh_from_db()
+    assert (idle.state, idle.end_reason) == (SandboxState.ENDED, EndReason.IDLE)
+    assert services.sandbox_reap().removed == []
+
+
+def test_reap_notices_a_vanished_container(memory_backend: type[MemoryBackend], lesson: Lesson) -> None:
+    sandbox = _start(lesson)
+    memory_backend.running.clear()
+    assert services.sandbox_reap().vanished == [sandbox.pk]
+    sandbox.refresh_from_db()
+    assert sandbox.end_reason == EndReason.VANISHED
