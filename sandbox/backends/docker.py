@@ -87,17 +87,24 @@ class DockerBackend(SandboxBackend):
             progress("starting")
             self.client.api.start(container_id)
         except ImageMissing:
-            self.stop(state)
+            self._abandon(state)
             raise
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            self.stop(state)
+            self._abandon(state)
             if isinstance(exc, docker.errors.APIError):
                 raise SandboxError(f"the engine refused the sandbox: {exc.explanation}") from exc
             raise EngineUnavailable(str(exc)) from exc
         except BaseException:
-            self.stop(state)
+            self._abandon(state)
             raise
         return state
+
+    def _abandon(self, state: dict[str, Any]) -> None:
+        """Remove what a failed start made; what cannot be removed now, the reaper removes later."""
+        try:
+            self.stop(state)
+        except Exception:
+            log.warning("could not clean up after a failed start of %s", state.get("container"), exc_info=True)
 
     def _image_config(self, image: str) -> dict[str, Any]:
         try:

@@ -1,0 +1,151 @@
+"""The Docker backend against the real engine."""
+
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from sandbox.backends.base import EngineUnavailable, SandboxPhase, SandboxSpec
+from sandbox.backends.docker import DockerBackend, sandbox_name
+
+pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("engine_cleanup")]
+
+_next_session = iter(range(900_000, 1_000_000))
+
+
+def _spec(*, lifetime: int = 600) -> SandboxSpec:
+    return SandboxSpec(
+        session_id=next(_next_session),
+        owner_key="anon-test",
+        image=settings.SANDBOX_IMAGE,
+        expires_at=int(time.time()) + lifetime,
+        memory_mb=128,
+        cpu_milli=250,
+        pids_limit=64,
+    )
+
+
+@pytest.fixture
+def engine() -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=settings.SANDBOX_DOCKER_URL)
+    yield client
+    client.close()
+
+
+def _run(engine: docker.DockerClient, container: str, command: str) -> tuple[int, str]:
+    result = engine.containers.get(container).exec_run(["sh", "-c", command])
+    return result.exit_code, result.output.decode(errors="replace")
+
+
+def test_a_sandbox_is_confined(engine: docker.DockerClient) -> None:
+    backend = DockerBackend()
+    spec = _spec()
+    steps: list[str] = []
+    state = backend.start(spec, progress=steps.append)
+    assert steps == ["creating", "starting"]
+    assert backend.poll(state).phase == SandboxPhase.RUNNING
+    info = engine.api.inspect_container(state["container"])
+    host = info["HostConfig"]
+    assert host["Memory"] == 128 * 2**20 and host["MemorySwap"] == 128 * 2**20
+    assert host["NanoCpus"] == 250_000_000
+    assert host["PidsLimit"] == 64
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert not host["Privileged"]
+    assert not host.get("PortBindings")
+    assert host["NetworkMode"] == sandbox_name(spec.session_id)
+    labels = info["Config"]["Labels"]
+    assert labels["layercake.managed"] == "1"
+    assert labels["layercake.session"] == str(spec.session_id)
+    assert labels["layercake.owner"] == "anon-test"
+    assert labels["layercake.expires"] == str(spec.expires_at)
+    network = engine.api.inspect_network(state["network"])
+    assert network["Internal"] is True
+    assert network["Labels"]["layercake.session"] == str(spec.session_id)
+    backend.stop(state)
+    backend.stop(state)
+    assert backend.poll(state).phase == SandboxPhase.MISSING
+    assert not engine.api.networks(names=[state["network"]])
+
+
+def test_a_sandbox_ends_itself_at_expiry_with_no_worker(engine: docker.DockerClient) -> None:
+    backend = DockerBackend()
+    state = backend.start(_spec(lifetime=3), progress=lambda step: None)
+    deadline = time.monotonic() + 20
+    while backend.poll(state).phase != SandboxPhase.MISSING:
+        assert time.monotonic() < deadline, "the container outlived its expiry"
+        time.sleep(0.5)
+    backend.stop(state)
+
+
+def test_the_sandbox_cannot_reach_this_machine(engine: docker.DockerClient) -> None:
+    """A listener on every address of this machine stays out of reach of the sandbox's network."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept())
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    backend = DockerBackend()
+    state = backend.start(_spec(), progress=lambda step: None)
+    try:
+        # The first address of each network is where this machine would answer, if anywhere.
+        addresses = [
+            str(
+                next(ipaddress.ip_network(engine.api.inspect_network(name)["IPAM"]["Config"][0]["Subnet"]).hosts())
+            )
+            for name in (state["network"], "bridge")
+        ]
+        for address in addresses:
+            code, output = _run(
+                engine, state["container"], f"timeout 3 sh -c 'echo hi > /dev/tcp/{address}/{port}'"
+            )
+            assert code != 0, f"reached {address}:{port}: {output}"
+        assert accepted == []
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        backend.stop(state)
+
+
+def test_the_reaper_removes_only_this_sites_orphans(engine: docker.DockerClient) -> None:
+    backend = DockerBackend()
+    kept = backend.start(_spec(), progress=lambda step: None)
+    orphan = backend.start(_spec(), progress=lambda step: None)
+    kept_id = int(kept["container"].rsplit("-", 1)[1])
+    with override_settings(SANDBOX_NAMESPACE=f"{settings.SANDBOX_NAMESPACE}x"):
+        assert DockerBackend().reap(keep=set()) == []
+    removed = backend.reap(keep={kept_id})
+    assert f"container {orphan['container']}" in removed
+    assert f"network {orphan['network']}" in removed
+    assert backend.poll(kept).phase == SandboxPhase.RUNNING
+    assert backend.reap(keep={kept_id}) == []
+    backend.stop(kept)
+
+
+def test_an_unreachable_engine_is_a_clear_error(tmp_path: Path) -> None:
+    with (
+        override_settings(SANDBOX_DOCKER_URL=f"unix://{tmp_path}/no-engine.sock"),
+        pytest.raises(EngineUnavailable),
+    ):
+        DockerBackend().start(_spec(), progress=lambda step: None)
