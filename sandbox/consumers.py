@@ -163,6 +163,15 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.relay = None
         if reason == "elsewhere":
             await self.close(code=protocol.CLOSE_ELSEWHERE)
+            return
+        # The stream to the shell broke. If the sandbox ended, say why; if it lives on, the browser
+        # reconnects and gets a fresh stream.
+        assert self.sandbox is not None
+        sandbox = await _refresh(self.sandbox)
+        if sandbox.state in ENDED_STATES:
+            await self._send_state(sandbox)
+        else:
+            await self.close(code=protocol.CLOSE_UNAVAILABLE)
 
     # The channel layer's side.
     async def sandbox_status(self, event: dict[str, Any]) -> None:

@@ -112,14 +112,15 @@ class TerminalRelay:
         _relays.pop(self.sandbox_id, None)
         with contextlib.suppress(Exception):
             await self._stream.close()
-        viewer, self._viewer = self._viewer, None
-        if viewer is not None:
-            with contextlib.suppress(Exception):
-                await viewer.detached(reason="gone")
+        # Record why the shell went before telling the browser, so that the browser is told the reason.
         try:
             await self._on_gone()
         except Exception:
             log.warning("terminal %s: could not record the shell's end", self.sandbox_id, exc_info=True)
+        viewer, self._viewer = self._viewer, None
+        if viewer is not None:
+            with contextlib.suppress(Exception):
+                await viewer.detached(reason="gone")
 
     def _update_window(self) -> None:
         if self._viewer is None or self._buffer.end - self._acked < self._window:

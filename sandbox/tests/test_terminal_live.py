@@ -196,3 +196,48 @@ def test_malformed_frames_close_cleanly_and_absurd_sizes_are_ignored(live_asgi: 
             assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_PROTOCOL
 
     asyncio.run(session())
+
+
+def test_a_foreign_origin_is_refused(live_asgi: str, lesson: Lesson) -> None:
+    client = Client()
+    sandbox = _start(client, lesson)
+    headers = {"Origin": "http://evil.example", "Cookie": f"sessionid={client.cookies['sessionid'].value}"}
+
+    async def attempt() -> None:
+        from websockets.exceptions import InvalidStatus
+
+        with pytest.raises((InvalidStatus, ConnectionClosed)):
+            async with connect(
+                f"ws://{live_asgi}/ws/sandbox/{sandbox.pk}/terminal/", additional_headers=headers
+            ) as ws:
+                await ws.send(protocol.hello_frame(has_screen=False, offset=0))
+                await asyncio.wait_for(ws.recv(), 10)
+
+    asyncio.run(attempt())
+
+
+def test_when_the_shell_exits_the_page_is_told_why_and_nothing_is_left(live_asgi: str, lesson: Lesson) -> None:
+    client = Client()
+    sandbox = _start(client, lesson)
+
+    async def session() -> None:
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            term = Terminal(ws)
+            await term.hello()
+            await term.until(lambda t: t.state() == "ready", within=60)
+            await ws.send(protocol.input_frame(b"exit\r"))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frame = await asyncio.wait_for(ws.recv(), 20)
+                    assert isinstance(frame, bytes)
+                    await term._take(frame)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_ENDED
+            assert term.states[-1]["reason"] == "exited"
+            assert term.states[-1]["message"] == "The shell exited."
+
+    asyncio.run(session())
+    deadline = time.monotonic() + 30
+    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
+        assert time.monotonic() < deadline, "the sandbox did not end"
+        time.sleep(0.2)
+    assert _engine_objects() == []
