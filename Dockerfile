@@ -14,4 +14,4 @@ COPY . .
 ENV DJANGO_SETTINGS_MODULE=tutorial.settings.production \
     LAYERCAKE_DATA_DIR=/data
 RUN LAYERCAKE_SECRET_KEY=collectstatic python manage.py collectstatic --noinput
-CMD ["uvicorn", "tutorial.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--ws", "websockets"]
+CMD ["uvicorn", "tutorial.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--ws", "websockets-sansio"]

@@ -95,7 +95,7 @@ def live_asgi(celery_live_worker: None) -> Iterator[str]:
 
     port = _free_port()
     config = uvicorn.Config(
-        application, host="127.0.0.1", port=port, ws="websockets", log_level="warning", lifespan="off"
+        application, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning", lifespan="off"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
