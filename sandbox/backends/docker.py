@@ -5,6 +5,7 @@ egress. Names derive from the session id and every object carries the project's 
 finds all of them after any crash. Blocking SDK calls run only in workers; the terminal uses aiodocker.
 """
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -43,6 +44,22 @@ ROOT_SHELL_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"
 # Output kept by the engine for a terminal that attaches after the shell has already written (its prompt),
 # or after the web process restarted. The terminal's own replay buffer covers the rest.
 LOG_CONFIG = {"Type": "local", "Config": {"max-size": "1m", "max-file": "1", "compress": "false"}}
+
+
+# Every sandbox network's bridge on the host is named with this prefix, so one host firewall rule (which
+# `./layercake setup` installs) can refuse new connections from any sandbox to the host itself: an internal
+# network still gives the host an address on its bridge, where services listening on all addresses answer.
+BRIDGE_PREFIX = "lcsb"
+
+
+def bridge_name(session_id: int) -> str:
+    """The host interface of the sandbox's network: the prefix, four hex digits of the namespace, the id in
+    hex; at most 15 characters, as Linux requires."""
+    namespace = hashlib.sha256(settings.SANDBOX_NAMESPACE.encode()).hexdigest()[:4]
+    name = f"{BRIDGE_PREFIX}{namespace}{session_id:x}"
+    if len(name) > 15:
+        raise SandboxError(f"session id {session_id} is too large for a bridge name")
+    return name
 
 
 def sandbox_name(session_id: int) -> str:
@@ -120,6 +137,7 @@ class DockerBackend(SandboxBackend):
                 driver="bridge",
                 internal=True,
                 labels=sandbox_labels(spec),
+                options={"com.docker.network.bridge.name": bridge_name(spec.session_id)},
                 check_duplicate=True,
             )
         except docker.errors.APIError as exc:

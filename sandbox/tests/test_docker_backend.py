@@ -1,5 +1,6 @@
 """The Docker backend against the real engine."""
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 from django.conf import settings
 from django.test import override_settings
@@ -85,8 +87,14 @@ def test_a_sandbox_ends_itself_at_expiry_with_no_worker(engine: docker.DockerCli
     backend.stop(state)
 
 
+def _can_connect(engine: docker.DockerClient, container: str, address: str, port: int) -> bool:
+    code, _ = _run(engine, container, f"timeout 3 bash -c 'echo hi > /dev/tcp/{address}/{port}'")
+    return code == 0
+
+
 def test_the_sandbox_cannot_reach_this_machine(engine: docker.DockerClient) -> None:
-    """A listener on every address of this machine stays out of reach of the sandbox's network."""
+    """A listener on every address of this machine stays out of reach, while the same probe does reach a
+    neighbour on the sandbox's own network (so the probe itself is known to work)."""
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("0.0.0.0", 0))
@@ -106,8 +114,19 @@ def test_the_sandbox_cannot_reach_this_machine(engine: docker.DockerClient) -> N
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     backend = DockerBackend()
-    state = backend.start(_spec(), progress=lambda step: None)
+    spec = _spec()
+    state = backend.start(spec, progress=lambda step: None)
+    neighbour = engine.containers.run(
+        "busybox:latest",
+        ["nc", "-l", "-p", "7777"],
+        name=f"{state['container']}-neighbour",
+        network=state["network"],
+        labels={"layercake.managed": "1", "layercake.namespace": settings.SANDBOX_NAMESPACE},
+        detach=True,
+        remove=True,
+    )
     try:
+        assert _can_connect(engine, state["container"], neighbour.name, 7777)
         # The first address of each network is where this machine would answer, if anywhere.
         addresses = [
             str(
@@ -115,16 +134,15 @@ def test_the_sandbox_cannot_reach_this_machine(engine: docker.DockerClient) -> N
             )
             for name in (state["network"], "bridge")
         ]
-        for address in addresses:
-            code, output = _run(
-                engine, state["container"], f"timeout 3 sh -c 'echo hi > /dev/tcp/{address}/{port}'"
-            )
-            assert code != 0, f"reached {address}:{port}: {output}"
+        for address in [*addresses, "127.0.0.1"]:
+            assert not _can_connect(engine, state["container"], address, port), f"reached {address}:{port}"
         assert accepted == []
     finally:
         stop.set()
         thread.join()
         listener.close()
+        with contextlib.suppress(docker.errors.NotFound):
+            neighbour.remove(force=True)
         backend.stop(state)
 
 
