@@ -159,7 +159,7 @@ class DockerBackend(SandboxBackend):
                 session_id=spec.session_id,
                 owner_key=spec.owner_key,
                 expires_at=spec.expires_at,
-                memory_budget_mb=spec.memory_mb,
+                memory_budget_mb=settings.SANDBOX_STUDENT_MEMORY_MB,
                 max_containers=settings.SANDBOX_STUDENT_MAX_CONTAINERS,
             )
             binds.append(f"{directory}:{GATEWAY_MOUNT}:rw")

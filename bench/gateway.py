@@ -1,0 +1,137 @@
+"""Gateway overhead: docker ps, docker images and docker run --rm IMAGE true through a session's gateway
+socket vs the engine's own socket, as ratios measured in one run; then the gateway's memory with 100 idle
+sessions connected.
+
+    .venv/bin/python bench/gateway.py [--image busybox:latest] [--rounds 10]
+
+Needs the docker CLI on the host, the engine, and the Redis of settings.REDIS_URL. It starts its own gateway
+process in a namespace of its own and removes everything it made.
+"""
+
+import argparse
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+NAMESPACE = f"lcbench{os.getpid()}"
+os.environ["LAYERCAKE_SANDBOX_NAMESPACE"] = NAMESPACE
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tutorial.settings.local")
+
+
+def timed(command: list[str], env: dict[str, str], rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--image", default="busybox:latest")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--idle-sessions", type=int, default=100)
+    options = parser.parse_args()
+
+    import django
+
+    django.setup()
+    import docker
+    from django.conf import settings
+
+    from sandbox.gateway.client import gateway_session_close, gateway_session_open, gateway_session_purge
+
+    api = docker.APIClient(base_url=settings.SANDBOX_DOCKER_URL)
+    gateway = subprocess.Popen(
+        [sys.executable, "manage.py", "gateway"],
+        cwd=BASE_DIR,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sessions: list[int] = []
+    held: list[socket.socket] = []
+    try:
+        time.sleep(1.5)
+
+        def open_session(*, network: bool) -> Path:
+            session_id = 3_000_000_000 + secrets.randbelow(100_000_000)
+            if network:
+                labels = {"layercake.managed": "1", "layercake.namespace": NAMESPACE}
+                api.create_network(f"{NAMESPACE}-sb-{session_id}", internal=True, labels=labels)
+            sessions.append(session_id)
+            return gateway_session_open(
+                session_id=session_id,
+                owner_key="bench",
+                expires_at=int(time.time()) + 3600,
+                memory_budget_mb=512,
+                max_containers=8,
+            )
+
+        directory = open_session(network=True)
+        engine_env = {**os.environ, "DOCKER_HOST": settings.SANDBOX_DOCKER_URL}
+        gateway_env = {**os.environ, "DOCKER_HOST": f"unix://{directory / 'docker.sock'}"}
+        commands = {
+            "docker ps": ["docker", "ps"],
+            "docker images": ["docker", "images"],
+            f"docker run --rm {options.image} true": ["docker", "run", "--rm", options.image, "true"],
+        }
+        print(f"median of {options.rounds} runs each, same machine, same run")
+        for label, command in commands.items():
+            timed(command, gateway_env, 1)
+            direct = timed(command, engine_env, options.rounds)
+            through = timed(command, gateway_env, options.rounds)
+            print(
+                f"{label:40s} engine {direct * 1000:7.1f} ms  gateway {through * 1000:7.1f} ms  "
+                f"ratio {through / direct:.2f}x"
+            )
+
+        before = rss_kib(gateway.pid)
+        for _ in range(options.idle_sessions - 1):
+            open_session(network=False)
+        for session_id in sessions:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(Path(settings.GATEWAY_DIR) / str(session_id) / "docker.sock"))
+            sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\n\r\n")
+            sock.recv(1024)
+            held.append(sock)
+        time.sleep(1)
+        after = rss_kib(gateway.pid)
+        print(
+            f"gateway RSS: {before / 1024:.1f} MiB with 1 session, {after / 1024:.1f} MiB with "
+            f"{len(sessions)} sessions each holding an idle keep-alive connection"
+        )
+    finally:
+        for sock in held:
+            sock.close()
+        for session_id in sessions:
+            gateway_session_purge(session_id=session_id)
+            gateway_session_close(session_id=session_id)
+            with contextlib.suppress(docker.errors.APIError):
+                api.remove_network(f"{NAMESPACE}-sb-{session_id}")
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(timeout=10)
+        shutil.rmtree(Path(settings.GATEWAY_DIR), ignore_errors=True)
+        api.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The shared engine, reached over its unix socket with one fresh connection per request."""
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from .config import API_VERSION
+from .http import EngineStream, HttpError, Response
+
+RESPONSE_MAX = 64 * 1024 * 1024
+
+
+class EngineError(HttpError):
+    """The engine refused; status and message are the engine's, already unmasked by the caller."""
+
+
+def engine_path(path: str, query: list[tuple[str, str]] | dict[str, str] | None = None) -> str:
+    target = f"/v{API_VERSION}{path}"
+    if query:
+        target += "?" + urlencode(query)
+    return target
+
+
+def q(value: str) -> str:
+    return quote(value, safe="")
+
+
+class Engine:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | dict[str, str] | None = None,
+        body: bytes | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> EngineStream:
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=1024 * 1024)
+        except OSError as exc:
+            raise HttpError(
+                503, "Cannot connect to the Docker daemon behind the sandbox. Try again shortly."
+            ) from exc
+        stream = EngineStream(reader, writer)
+        try:
+            await stream.send(method, engine_path(path, query), body, headers or [])
+        except (ConnectionError, OSError) as exc:
+            stream.close()
+            raise HttpError(503, "the Docker daemon behind the sandbox closed the connection") from exc
+        return stream
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | dict[str, str] | None = None,
+        payload: Any = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Response:
+        headers: list[tuple[str, str]] = []
+        if payload is not None:
+            body = json.dumps(payload).encode()
+        if body is not None:
+            headers.append(("Content-Type", content_type))
+        stream = await self.open(method, path, query=query, body=body, headers=headers)
+        try:
+            response = await stream.head()
+            response.body = await stream.read_all(RESPONSE_MAX)
+            return response
+        except (ConnectionError, OSError) as exc:
+            raise HttpError(503, "the Docker daemon behind the sandbox closed the connection") from exc
+        finally:
+            stream.close()
+
+    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.call(method, path, **kwargs)
+        if response.status >= 400:
+            raise EngineError(response.status, response.message)
+        return response.json()

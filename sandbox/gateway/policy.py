@@ -1,0 +1,820 @@
+"""The sandbox policy: what a student's docker may ask of the shared engine, and how it is rewritten.
+
+Default deny. Only the endpoints in `routes.py` exist; every other path answers 403 with a message saying
+that the feature is not available in the sandbox. For the endpoints that exist:
+
+* Bodies are decoded strictly (`http.strict_json`: no repeated keys, also none differing only by case) and
+  rebuilt from an allow-list here, field by field, with the engine's canonical key names. Go's decoder
+  matches keys case-insensitively, so a key is looked up by its folded form and a non-ASCII key in a struct
+  position is refused. A field the policy does not know is refused unless its value is empty; nothing the
+  student sent reaches the engine unless this module copied it.
+* Creation never grants privilege: no Privileged, no CapAdd (and NET_RAW, MKNOD, AUDIT_WRITE and SETFCAP
+  are dropped), no-new-privileges always, no host pid/ipc/uts/user/cgroup namespace, no devices, no sysctls,
+  no ulimits, no masked or read-only path changes, no security options except no-new-privileges, no runtime,
+  cgroup parent, log driver, DNS or extra-host choices, no tmpfs, no bind mounts of host paths and no volume
+  driver or driver options. Named volumes become the student's own volumes (created with labels first).
+* Limits: memory (no swap), CPU and pids are forced under per-container caps, and the session's containers
+  share a budget (their number and their total memory) that `docker update` cannot raise. Restart policies
+  are limited to "no" and "on-failure" with a capped retry count.
+* Networking: a container joins the session's own internal network with its name as an alias, or none.
+  Published ports are never bound on the host: they are recorded in a label, shown by ps and inspect as
+  docker shows them, and served inside the session (see `ports.py`).
+* Builds: classic builder only, no remote context, no host network (RUN steps get no network), no pull,
+  no cgroup parent, limits forced; the Dockerfile's FROM and COPY --from images are resolved as the student
+  sees them (their own or curated), ADD of URLs and ONBUILD are refused, and variables in FROM or ADD
+  sources are refused because they would be resolved after this check.
+* Commits take only the instructions docker allows minus ONBUILD, and never a label in layercake's space.
+"""
+
+import io
+import posixpath
+import re
+import shlex
+import tarfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .http import HttpError
+
+LABEL_SPACE = "layercake."
+FORCED_CAP_DROP = ["AUDIT_WRITE", "MKNOD", "NET_RAW", "SETFCAP"]
+NO_NEW_PRIVILEGES = "no-new-privileges:true"
+LOG_CONFIG = {"Type": "local", "Config": {"max-size": "1m", "max-file": "1", "compress": "false"}}
+MB = 1024 * 1024
+
+
+class Refused(HttpError):
+    """The student asked for something the sandbox does not allow: 403 with a message that says why."""
+
+    def __init__(self, message: str, status: int = 403) -> None:
+        super().__init__(status, message)
+
+
+def not_available(what: str) -> Refused:
+    return Refused(f"{what} is not available in the Layercake sandbox")
+
+
+def is_zero(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == "" or value == [] or value == {}
+
+
+class Fields:
+    """A JSON object seen as a Go struct: keys matched case-insensitively, each consumed at most once."""
+
+    def __init__(self, obj: Any, where: str) -> None:
+        if obj is None:
+            obj = {}
+        if not isinstance(obj, dict):
+            raise HttpError(400, f"{where}: expected a JSON object")
+        self.where = where
+        self.items: dict[str, tuple[str, Any]] = {}
+        for key, value in obj.items():
+            if not key.isascii():
+                raise HttpError(400, f"{where}: unexpected field {key!r}")
+            self.items[key.lower()] = (key, value)
+        self.used: set[str] = set()
+
+    def take(self, name: str, default: Any = None) -> Any:
+        folded = name.lower()
+        self.used.add(folded)
+        if folded not in self.items:
+            return default
+        value = self.items[folded][1]
+        return default if value is None else value
+
+    def deny(self, name: str, what: str) -> None:
+        if not is_zero(self.take(name)):
+            raise not_available(what)
+
+    def finish(self) -> None:
+        for folded, (key, value) in self.items.items():
+            if folded not in self.used and not is_zero(value):
+                raise not_available(f"the option {self.where}.{key}")
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise HttpError(400, f"{where}: wrong type")
+    return value
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise HttpError(400, f"{where}: expected a list of strings")
+    return list(value)
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise HttpError(400, f"{where}: expected an object of strings")
+    return dict(value)
+
+
+def student_labels(value: Any, where: str = "Labels") -> dict[str, str]:
+    labels = _str_map(value, where)
+    for key in labels:
+        if key.lower().startswith(LABEL_SPACE):
+            raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox: {key}")
+    return labels
+
+
+@dataclass(frozen=True)
+class Limits:
+    container_memory_max: int
+    default_memory: int
+    nano_cpus: int
+    pids: int
+    restart_retries: int
+    shm_max: int
+
+
+@dataclass(frozen=True)
+class PortBinding:
+    host_port: int
+    container_port: int
+    proto: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.container_port}/{self.proto}"
+
+    def label(self) -> str:
+        return f"{self.host_port}:{self.container_port}/{self.proto}"
+
+
+def ports_label(ports: list[PortBinding]) -> str:
+    return ",".join(port.label() for port in ports)
+
+
+def parse_ports_label(value: str) -> list[PortBinding]:
+    ports = []
+    for item in filter(None, value.split(",")):
+        match = re.fullmatch(r"(\d+):(\d+)/(tcp|udp|sctp)", item)
+        if match:
+            ports.append(PortBinding(int(match.group(1)), int(match.group(2)), match.group(3)))
+    return ports
+
+
+@dataclass
+class CreatePlan:
+    """A container creation as the policy allows it, before names are mapped to the engine's."""
+
+    image: str
+    config: dict[str, Any]
+    host_config: dict[str, Any]
+    network_none: bool
+    aliases: list[str]
+    volumes: list[tuple[str, str, str]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    ports: list[PortBinding] = field(default_factory=list)
+    memory: int = 0
+
+
+CONFIG_KEEP: dict[str, type | tuple[type, ...]] = {
+    "Hostname": str,
+    "Domainname": str,
+    "User": str,
+    "AttachStdin": bool,
+    "AttachStdout": bool,
+    "AttachStderr": bool,
+    "Tty": bool,
+    "OpenStdin": bool,
+    "StdinOnce": bool,
+    "WorkingDir": str,
+    "NetworkDisabled": bool,
+    "StopSignal": str,
+    "Healthcheck": dict,
+    "ExposedPorts": dict,
+    "Volumes": dict,
+}
+
+
+def _cmd(value: Any, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    return _str_list(value, where)
+
+
+def container_create_plan(*, body: Any, limits: Limits, network: str) -> CreatePlan:
+    top = Fields(body, "Config")
+    config: dict[str, Any] = {}
+    for name, kind in CONFIG_KEEP.items():
+        value = top.take(name)
+        if value is not None:
+            config[name] = _typed(value, kind, name)
+    for name in ("Env", "Shell"):
+        value = top.take(name)
+        if value is not None:
+            config[name] = _str_list(value, name)
+    for name in ("Cmd", "Entrypoint"):
+        value = _cmd(top.take(name), name)
+        if value is not None:
+            config[name] = value
+    stop_timeout = top.take("StopTimeout")
+    if stop_timeout is not None:
+        config["StopTimeout"] = min(max(_typed(stop_timeout, int, "StopTimeout"), 0), 60)
+    config["Labels"] = student_labels(top.take("Labels"))
+    image = top.take("Image", "")
+    if not isinstance(image, str) or not image:
+        raise HttpError(400, "No image was specified")
+    top.take("ArgsEscaped")
+    top.deny("MacAddress", "choosing a MAC address")
+    top.deny("OnBuild", "ONBUILD")
+    host = Fields(top.take("HostConfig"), "HostConfig")
+    networking = Fields(top.take("NetworkingConfig"), "NetworkingConfig")
+    top.finish()
+
+    plan = CreatePlan(image=image, config=config, host_config={}, network_none=False, aliases=[])
+    _host_config(host, plan, limits=limits, network=network)
+    _networking(networking, plan, network=network)
+    return plan
+
+
+def _host_config(host: Fields, plan: CreatePlan, *, limits: Limits, network: str) -> None:
+    out = plan.host_config
+    host.deny("Privileged", "--privileged")
+    host.deny("CapAdd", "--cap-add")
+    host.deny("Devices", "--device")
+    host.deny("DeviceCgroupRules", "--device-cgroup-rule")
+    host.deny("DeviceRequests", "--gpus")
+    host.deny("Sysctls", "--sysctl")
+    host.deny("Ulimits", "--ulimit")
+    host.deny("Tmpfs", "--tmpfs")
+    host.deny("StorageOpt", "--storage-opt")
+    host.deny("Dns", "--dns")
+    host.deny("DnsOptions", "--dns-option")
+    host.deny("DnsSearch", "--dns-search")
+    host.deny("ExtraHosts", "--add-host")
+    host.deny("Links", "--link")
+    host.deny("GroupAdd", "--group-add")
+    host.deny("VolumesFrom", "--volumes-from")
+    host.deny("VolumeDriver", "--volume-driver")
+    host.deny("CgroupParent", "--cgroup-parent")
+    host.deny("Cgroup", "--cgroup")
+    host.deny("PidMode", "--pid")
+    host.deny("UTSMode", "--uts")
+    host.deny("UsernsMode", "--userns")
+    host.deny("PublishAllPorts", "-P (publish all ports)")
+    host.deny("OomKillDisable", "--oom-kill-disable")
+    host.deny("KernelMemory", "--kernel-memory")
+    host.deny("KernelMemoryTCP", "--kernel-memory-tcp")
+    for name in (
+        "BlkioWeight",
+        "BlkioWeightDevice",
+        "BlkioDeviceReadBps",
+        "BlkioDeviceWriteBps",
+        "BlkioDeviceReadIOps",
+        "BlkioDeviceWriteIOps",
+        "CpuPeriod",
+        "CpuQuota",
+        "CpuRealtimePeriod",
+        "CpuRealtimeRuntime",
+        "CpusetCpus",
+        "CpusetMems",
+        "CpuCount",
+        "CpuPercent",
+        "IOMaximumIOps",
+        "IOMaximumBandwidth",
+    ):
+        host.deny(name, f"the resource option {name}")
+    for name in ("MaskedPaths", "ReadonlyPaths"):
+        if host.take(name) is not None:
+            raise not_available("changing masked or read-only system paths (--security-opt systempaths)")
+    for option in _str_list(host.take("SecurityOpt"), "SecurityOpt"):
+        if option.replace("=", ":") not in ("no-new-privileges", "no-new-privileges:true"):
+            raise not_available(f"--security-opt {option}")
+    runtime = host.take("Runtime", "")
+    if runtime not in ("", "runc"):
+        raise not_available("--runtime")
+    isolation = host.take("Isolation", "")
+    if isolation not in ("", "default"):
+        raise not_available("--isolation")
+    for name in ("IpcMode", "CgroupnsMode"):
+        value = host.take(name, "")
+        if value not in ("", "private", "none", "shareable"):
+            raise not_available(f"--{name.lower().removesuffix('mode')} {value}")
+        if value:
+            out[name] = value
+    log_config = Fields(host.take("LogConfig"), "LogConfig")
+    if log_config.take("Type", "") not in ("",) or not is_zero(log_config.take("Config")):
+        raise not_available("choosing a log driver (--log-driver, --log-opt)")
+    log_config.finish()
+    host.take("ContainerIDFile")
+    host.take("MemorySwappiness")
+    host.take("MemorySwap")
+
+    memory = host.take("Memory", 0)
+    _typed(memory, int, "Memory")
+    if memory < 0:
+        raise HttpError(400, "invalid memory limit")
+    if memory > limits.container_memory_max:
+        raise Refused(
+            f"a container in the sandbox may use at most {limits.container_memory_max // MB} MB of memory"
+        )
+    if memory and memory < 6 * MB:
+        raise HttpError(400, "Minimum memory limit allowed is 6MB")
+    memory = memory or limits.default_memory
+    plan.memory = memory
+    reservation = host.take("MemoryReservation", 0)
+    if reservation:
+        out["MemoryReservation"] = min(_typed(reservation, int, "MemoryReservation"), memory)
+    out["Memory"] = memory
+    out["MemorySwap"] = memory
+    nano_cpus = _typed(host.take("NanoCpus", 0), int, "NanoCpus")
+    if nano_cpus < 0 or nano_cpus > limits.nano_cpus:
+        raise Refused(f"a container in the sandbox may use at most {limits.nano_cpus / 1e9:g} CPUs")
+    out["NanoCpus"] = nano_cpus or limits.nano_cpus
+    shares = _typed(host.take("CpuShares", 0), int, "CpuShares")
+    if shares:
+        out["CpuShares"] = min(max(shares, 2), 1024)
+    pids = host.take("PidsLimit")
+    pids = 0 if pids is None else _typed(pids, int, "PidsLimit")
+    out["PidsLimit"] = pids if 0 < pids <= limits.pids else limits.pids
+    shm = _typed(host.take("ShmSize", 0), int, "ShmSize")
+    if shm > limits.shm_max:
+        raise Refused(f"--shm-size may be at most {limits.shm_max // MB} MB in the sandbox")
+    if shm:
+        out["ShmSize"] = shm
+    oom_score = _typed(host.take("OomScoreAdj", 0), int, "OomScoreAdj")
+    if oom_score < 0:
+        raise not_available("lowering the OOM score")
+    if oom_score:
+        out["OomScoreAdj"] = min(oom_score, 1000)
+
+    cap_drop = {cap.upper().removeprefix("CAP_") for cap in _str_list(host.take("CapDrop"), "CapDrop")}
+    out["CapDrop"] = sorted(cap_drop | set(FORCED_CAP_DROP)) if "ALL" not in cap_drop else ["ALL"]
+    out["SecurityOpt"] = [NO_NEW_PRIVILEGES]
+    out["Privileged"] = False
+    out["PublishAllPorts"] = False
+    out["LogConfig"] = LOG_CONFIG
+    for name in ("AutoRemove", "ReadonlyRootfs", "Init"):
+        value = host.take(name)
+        if value is not None:
+            out[name] = _typed(value, bool, name)
+    console = host.take("ConsoleSize")
+    if console is not None:
+        if not (isinstance(console, list) and len(console) == 2 and all(isinstance(v, int) for v in console)):
+            raise HttpError(400, "ConsoleSize: wrong type")
+        out["ConsoleSize"] = console
+    out["RestartPolicy"] = restart_policy(host.take("RestartPolicy"), limits=limits)
+
+    mode = host.take("NetworkMode", "")
+    if mode in ("", "default", "bridge", network):
+        out["NetworkMode"] = network
+    elif mode == "none":
+        out["NetworkMode"] = "none"
+        plan.network_none = True
+    else:
+        raise not_available(f"--network {mode}")
+
+    for bind in _str_list(host.take("Binds"), "Binds"):
+        plan.volumes.append(_parse_bind(bind))
+    mounts = host.take("Mounts")
+    if mounts is not None:
+        if not isinstance(mounts, list):
+            raise HttpError(400, "Mounts: wrong type")
+        for mount in mounts:
+            plan.mounts.append(_mount(mount))
+    plan.ports = _port_bindings(host.take("PortBindings"))
+    host.finish()
+
+
+def _parse_bind(bind: str) -> tuple[str, str, str]:
+    parts = bind.split(":")
+    if len(parts) < 2 or len(parts) > 3:
+        raise HttpError(400, f"invalid volume specification: '{bind}'")
+    source, target = parts[0], parts[1]
+    mode = parts[2] if len(parts) == 3 else ""
+    if source.startswith(("/", ".", "~")) or "/" in source or "\\" in source:
+        raise not_available(f"mounting a host path ({source})")
+    if not target.startswith("/"):
+        raise HttpError(400, f"invalid volume specification: '{bind}': invalid mount config for type \"volume\"")
+    for option in filter(None, mode.split(",")):
+        if option not in ("ro", "rw", "nocopy", "z", "Z"):
+            raise not_available(f"the volume option {option}")
+    return source, target, mode
+
+
+def _mount(raw: Any) -> dict[str, Any]:
+    mount = Fields(raw, "Mounts")
+    kind = mount.take("Type", "")
+    if kind == "bind":
+        raise not_available("mounting a host path (--mount type=bind)")
+    if kind != "volume":
+        raise not_available(f"--mount type={kind}")
+    source = _typed(mount.take("Source", ""), str, "Mounts.Source")
+    target = _typed(mount.take("Target", ""), str, "Mounts.Target")
+    if "/" in source or not target.startswith("/"):
+        raise HttpError(400, 'invalid mount config for type "volume"')
+    read_only = bool(mount.take("ReadOnly", False))
+    mount.take("Consistency")
+    mount.deny("BindOptions", "bind options")
+    mount.deny("TmpfsOptions", "tmpfs options")
+    options = Fields(mount.take("VolumeOptions"), "Mounts.VolumeOptions")
+    no_copy = bool(options.take("NoCopy", False))
+    options.deny("DriverConfig", "volume driver options")
+    options.deny("Labels", "volume labels in --mount")
+    options.finish()
+    mount.finish()
+    result: dict[str, Any] = {"Type": "volume", "Source": source, "Target": target, "ReadOnly": read_only}
+    if no_copy:
+        result["VolumeOptions"] = {"NoCopy": True}
+    return result
+
+
+def _port_bindings(raw: Any) -> list[PortBinding]:
+    if is_zero(raw):
+        return []
+    if not isinstance(raw, dict):
+        raise HttpError(400, "PortBindings: wrong type")
+    ports: list[PortBinding] = []
+    for key, bindings in raw.items():
+        match = re.fullmatch(r"(\d{1,5})(?:/(tcp|udp|sctp))?", key)
+        if not match:
+            raise HttpError(400, f"invalid port {key}")
+        container_port, proto = int(match.group(1)), match.group(2) or "tcp"
+        for binding in bindings or []:
+            entry = Fields(binding, "PortBindings")
+            host_ip = entry.take("HostIp", "")
+            host_port = str(entry.take("HostPort", ""))
+            entry.finish()
+            if host_ip not in ("", "0.0.0.0", "127.0.0.1", "::", "localhost"):
+                raise not_available(f"publishing on the address {host_ip}")
+            if not host_port:
+                raise Refused("choose the port in the sandbox: -p HOSTPORT:CONTAINERPORT (e.g. -p 8080:80)")
+            if not host_port.isdigit() or not 0 < int(host_port) < 65536 or not 0 < container_port < 65536:
+                raise HttpError(400, f"invalid port {host_port}")
+            if proto != "tcp":
+                raise not_available("publishing a UDP or SCTP port")
+            ports.append(PortBinding(int(host_port), container_port, proto))
+    hosts = [port.host_port for port in ports]
+    if len(hosts) != len(set(hosts)):
+        raise HttpError(400, "the same host port is published twice")
+    return ports
+
+
+def _networking(networking: Fields, plan: CreatePlan, *, network: str) -> None:
+    endpoints = networking.take("EndpointsConfig")
+    networking.finish()
+    if is_zero(endpoints):
+        return
+    if not isinstance(endpoints, dict):
+        raise HttpError(400, "EndpointsConfig: wrong type")
+    for name, raw in endpoints.items():
+        if plan.network_none and name == "none":
+            continue
+        if name not in ("bridge", "default", network):
+            raise not_available(f"--network {name}")
+        endpoint = Fields(raw, "EndpointSettings")
+        plan.aliases.extend(_str_list(endpoint.take("Aliases"), "Aliases"))
+        endpoint.deny("IPAMConfig", "choosing an IP address")
+        endpoint.deny("Links", "--link")
+        endpoint.deny("MacAddress", "choosing a MAC address")
+        endpoint.deny("DriverOpts", "network driver options")
+        for ignored in ("NetworkID", "EndpointID", "Gateway", "IPAddress", "IPPrefixLen", "IPv6Gateway"):
+            endpoint.take(ignored)
+        for ignored in ("GlobalIPv6Address", "GlobalIPv6PrefixLen"):
+            endpoint.take(ignored)
+        endpoint.finish()
+
+
+def restart_policy(raw: Any, *, limits: Limits) -> dict[str, Any]:
+    policy = Fields(raw, "RestartPolicy")
+    name = policy.take("Name", "")
+    retries = _typed(policy.take("MaximumRetryCount", 0), int, "MaximumRetryCount")
+    policy.finish()
+    if name in ("", "no"):
+        return {"Name": "no", "MaximumRetryCount": 0}
+    if name == "on-failure":
+        retries = limits.restart_retries if retries <= 0 else min(retries, limits.restart_retries)
+        return {"Name": "on-failure", "MaximumRetryCount": retries}
+    raise Refused(
+        f"--restart {name} is not available in the sandbox; use --restart on-failure[:N] (N up to "
+        f"{limits.restart_retries})"
+    )
+
+
+@dataclass
+class UpdatePlan:
+    body: dict[str, Any]
+    memory: int | None
+
+
+def container_update_plan(*, body: Any, limits: Limits) -> UpdatePlan:
+    update = Fields(body, "UpdateConfig")
+    out: dict[str, Any] = {}
+    memory = _typed(update.take("Memory", 0), int, "Memory")
+    if memory:
+        if memory > limits.container_memory_max or memory < 6 * MB:
+            raise Refused(
+                f"a container in the sandbox may use between 6 and {limits.container_memory_max // MB} MB"
+            )
+        out["Memory"] = memory
+        out["MemorySwap"] = memory
+    update.take("MemorySwap")
+    reservation = _typed(update.take("MemoryReservation", 0), int, "MemoryReservation")
+    if reservation:
+        out["MemoryReservation"] = reservation
+    nano_cpus = _typed(update.take("NanoCpus", 0), int, "NanoCpus")
+    if nano_cpus:
+        if nano_cpus < 0 or nano_cpus > limits.nano_cpus:
+            raise Refused(f"a container in the sandbox may use at most {limits.nano_cpus / 1e9:g} CPUs")
+        out["NanoCpus"] = nano_cpus
+    shares = _typed(update.take("CpuShares", 0), int, "CpuShares")
+    if shares:
+        out["CpuShares"] = min(max(shares, 2), 1024)
+    pids = update.take("PidsLimit")
+    if pids is not None and pids != 0:
+        if _typed(pids, int, "PidsLimit") < 0 or pids > limits.pids:
+            raise Refused(f"a container in the sandbox may run at most {limits.pids} processes")
+        out["PidsLimit"] = pids
+    restart = update.take("RestartPolicy")
+    if not is_zero(restart):
+        out["RestartPolicy"] = restart_policy(restart, limits=limits)
+    update.deny("KernelMemory", "--kernel-memory")
+    update.deny("CpusetCpus", "--cpuset-cpus")
+    update.finish()
+    return UpdatePlan(body=out, memory=memory or None)
+
+
+def exec_create_body(body: Any) -> dict[str, Any]:
+    spec = Fields(body, "ExecConfig")
+    spec.deny("Privileged", "docker exec --privileged")
+    out: dict[str, Any] = {}
+    for name in ("AttachStdin", "AttachStdout", "AttachStderr", "Tty"):
+        value = spec.take(name)
+        if value is not None:
+            out[name] = _typed(value, bool, name)
+    for name in ("User", "WorkingDir", "DetachKeys"):
+        value = spec.take(name)
+        if value is not None:
+            out[name] = _typed(value, str, name)
+    out["Env"] = _str_list(spec.take("Env"), "Env")
+    out["Cmd"] = _str_list(spec.take("Cmd"), "Cmd")
+    if not out["Cmd"]:
+        raise HttpError(400, "No exec command specified")
+    console = spec.take("ConsoleSize")
+    if console is not None:
+        out["ConsoleSize"] = console
+    spec.finish()
+    return out
+
+
+def exec_start_body(body: Any) -> dict[str, Any]:
+    spec = Fields(body, "ExecStartConfig")
+    out = {"Detach": bool(spec.take("Detach", False)), "Tty": bool(spec.take("Tty", False))}
+    console = spec.take("ConsoleSize")
+    if console is not None:
+        out["ConsoleSize"] = console
+    spec.finish()
+    return out
+
+
+def volume_create_body(body: Any) -> tuple[str, dict[str, str]]:
+    spec = Fields(body, "VolumeCreate")
+    name = _typed(spec.take("Name", ""), str, "Name")
+    driver = spec.take("Driver", "")
+    if driver not in ("", "local"):
+        raise not_available(f"the volume driver {driver}")
+    spec.deny("DriverOpts", "volume driver options (--opt)")
+    labels = student_labels(spec.take("Labels"))
+    spec.take("ClusterVolumeSpec")
+    spec.finish()
+    return name, labels
+
+
+COMMIT_INSTRUCTIONS = {"CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "USER", "VOLUME", "WORKDIR"}
+
+
+def commit_changes(changes: list[str]) -> list[str]:
+    kept: list[str] = []
+    for change in changes:
+        for line in change.splitlines():
+            if not line.strip():
+                continue
+            word = line.split(None, 1)[0].upper()
+            if word == "ONBUILD":
+                raise not_available("ONBUILD")
+            if word not in COMMIT_INSTRUCTIONS:
+                raise HttpError(400, f"{word} is not a valid change command")
+            if word == "LABEL" and LABEL_SPACE in line.lower():
+                raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox")
+            kept.append(line)
+    return kept
+
+
+# Builds.
+
+BUILD_KEEP = {"t", "dockerfile", "q", "nocache", "rm", "forcerm", "buildargs", "target", "labels"}
+
+
+@dataclass
+class Dockerfile:
+    """A Dockerfile's instructions with their physical line spans, for checking and rewriting."""
+
+    lines: list[str]
+    escape: str
+    instructions: list[tuple[int, int, str]]
+
+    def rewrite(self, replacements: Mapping[int, str]) -> str:
+        out: list[str] = []
+        index = 0
+        by_start = {start: (end, text) for start, end, text in self.instructions}
+        while index < len(self.lines):
+            if index in by_start and by_start[index][0] >= 0:
+                end, _text = by_start[index]
+                position = next(i for i, (s, _e, _t) in enumerate(self.instructions) if s == index)
+                if position in replacements:
+                    out.append(replacements[position])
+                    index = end + 1
+                    continue
+            out.append(self.lines[index])
+            index += 1
+        return "\n".join(out) + "\n"
+
+
+def parse_dockerfile(text: str) -> Dockerfile:
+    lines = text.replace("\r\n", "\n").split("\n")
+    escape = "\\"
+    directive_zone = True
+    instructions: list[tuple[int, int, str]] = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        stripped = line.strip()
+        if directive_zone:
+            match = re.fullmatch(r"#\s*([a-zA-Z]+)\s*=\s*(\S+)\s*", stripped)
+            if match:
+                if match.group(1).lower() == "escape" and match.group(2) in ("\\", "`"):
+                    escape = match.group(2)
+                index += 1
+                continue
+            directive_zone = False
+        if not stripped or stripped.startswith("#"):
+            index += 1
+            continue
+        start = index
+        parts: list[str] = []
+        while True:
+            current = lines[index].rstrip()
+            if current.endswith(escape) and index + 1 < len(lines):
+                parts.append(current[: -len(escape)])
+                index += 1
+                while index < len(lines) and lines[index].strip().startswith("#"):
+                    index += 1
+                if index >= len(lines):
+                    break
+                continue
+            parts.append(current)
+            break
+        instructions.append((start, index, " ".join(part.strip() for part in parts if part.strip())))
+        index += 1
+    return Dockerfile(lines=lines, escape=escape, instructions=instructions)
+
+
+def _instruction_args(text: str) -> tuple[str, str]:
+    word, _, rest = text.strip().partition(" ")
+    return word.upper(), rest.strip()
+
+
+def _json_or_words(rest: str) -> list[str]:
+    if rest.startswith("["):
+        import json
+
+        try:
+            value = json.loads(rest)
+        except ValueError:
+            value = None
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+    try:
+        return shlex.split(rest, posix=True)
+    except ValueError:
+        return rest.split()
+
+
+@dataclass
+class DockerfilePlan:
+    dockerfile: Dockerfile
+    images: dict[int, str]
+    copy_from: dict[int, str]
+
+
+def dockerfile_plan(text: str) -> DockerfilePlan:
+    """Check a Dockerfile against the policy; return the images its FROM and COPY --from name."""
+    parsed = parse_dockerfile(text)
+    stages: set[str] = set()
+    images: dict[int, str] = {}
+    copy_from: dict[int, str] = {}
+    stage_count = 0
+    for position, (_start, _end, text_line) in enumerate(parsed.instructions):
+        word, rest = _instruction_args(text_line)
+        if word == "ONBUILD":
+            raise not_available("ONBUILD in a Dockerfile")
+        if word == "FROM":
+            args = rest.split()
+            args = [arg for arg in args if not arg.startswith("--platform")]
+            if any(arg.startswith("--") for arg in args):
+                raise not_available(f"the FROM option {args[0]}")
+            if not args:
+                raise HttpError(400, "Dockerfile parse error: FROM requires an argument")
+            image = args[0]
+            if "$" in image:
+                raise not_available("a variable in FROM")
+            if len(args) >= 3 and args[1].lower() == "as":
+                stages.add(args[2].lower())
+            if image.lower() not in stages and image != "scratch":
+                images[position] = image
+            stage_count += 1
+        elif word in ("ADD", "COPY"):
+            words = _json_or_words(rest)
+            flags = [w for w in rest.split() if w.startswith("--")]
+            for flag in flags:
+                if flag.startswith("--from="):
+                    source = flag.removeprefix("--from=")
+                    if "$" in source:
+                        raise not_available("a variable in COPY --from")
+                    if source.lower() not in stages and not source.isdigit():
+                        copy_from[position] = source
+                elif not flag.startswith("--chown=") and not flag.startswith("--chmod="):
+                    raise not_available(f"the {word} option {flag.split('=')[0]}")
+            sources = [w for w in words if not w.startswith("--")][:-1]
+            if word == "ADD":
+                for source in sources:
+                    if "://" in source or source.startswith("git@") or "$" in source:
+                        raise not_available("ADD of a URL or of a variable source (the daemon would fetch it)")
+    return DockerfilePlan(dockerfile=parsed, images=images, copy_from=copy_from)
+
+
+def dockerfile_rewrite(plan: DockerfilePlan, resolved: Callable[[str], str]) -> str:
+    replacements: dict[int, str] = {}
+    for position, image in plan.images.items():
+        _word, rest = _instruction_args(plan.dockerfile.instructions[position][2])
+        args = [arg for arg in rest.split() if not arg.startswith("--platform")]
+        args[0] = resolved(image)
+        replacements[position] = "FROM " + " ".join(args)
+    for position, image in plan.copy_from.items():
+        word, rest = _instruction_args(plan.dockerfile.instructions[position][2])
+        rest = rest.replace(f"--from={image}", f"--from={resolved(image)}", 1)
+        replacements[position] = f"{word} {rest}"
+    return plan.dockerfile.rewrite(replacements)
+
+
+@dataclass
+class BuildContext:
+    dockerfile_name: str
+    dockerfile_text: str
+    member_name: str
+
+
+def build_context_dockerfile(context: bytes, dockerfile: str) -> BuildContext:
+    """Find the Dockerfile in a tar context (gzip, bzip2 or xz allowed, as docker allows them)."""
+    wanted = posixpath.normpath(dockerfile or "Dockerfile").lstrip("/")
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(context), mode="r:*")  # noqa: SIM115
+    except tarfile.TarError as exc:
+        raise HttpError(400, "the build context is not a tar archive") from exc
+    with archive:
+        members = {posixpath.normpath(m.name).lstrip("/"): m for m in archive.getmembers()}
+        candidates = [wanted] if dockerfile else ["Dockerfile", "dockerfile"]
+        for name in candidates:
+            member = members.get(name)
+            if member is None:
+                continue
+            if not member.isfile():
+                raise not_available("a Dockerfile that is not a regular file")
+            if member.size > 1024 * 1024:
+                raise HttpError(400, "the Dockerfile is too large")
+            handle = archive.extractfile(member)
+            assert handle is not None
+            text = handle.read().decode("utf-8", "replace")
+            return BuildContext(dockerfile_name=name, dockerfile_text=text, member_name=member.name)
+    raise HttpError(
+        500,
+        f"Cannot locate specified Dockerfile: {dockerfile or 'Dockerfile'}",
+    )
+
+
+def build_context_replace(context: bytes, *, member_name: str, text: str) -> bytes:
+    out = io.BytesIO()
+    data = text.encode()
+    with (
+        tarfile.open(fileobj=io.BytesIO(context), mode="r:*") as source,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as target,
+    ):
+        for member in source.getmembers():
+            if member.name == member_name:
+                member.size = len(data)
+                target.addfile(member, io.BytesIO(data))
+            elif member.isfile():
+                target.addfile(member, source.extractfile(member))
+            else:
+                target.addfile(member)
+    return out.getvalue()

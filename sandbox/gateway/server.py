@@ -1,0 +1,224 @@
+"""The gateway process: one asyncio unix server per registered sandbox session.
+
+Sessions come from the Redis registry (`registry.py`): all of them when the process starts, each new one
+when a notice arrives, and any drift every few seconds. A restarted gateway therefore recreates every
+session's socket in the directory the workstation already has mounted, and the student's next docker
+command works in the same shell.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from .config import GatewayConfig
+from .engine import Engine
+from .events import EventPublisher
+from .http import EngineStream
+from .registry import SessionRecord
+from .session import IMAGE_LABEL, NAMESPACE, ROLE, SESSION, StudentGateway
+
+log = logging.getLogger(__name__)
+
+RECONCILE_SECONDS = 5.0
+CONTAINER_EVENTS = {
+    "create": "container.created",
+    "start": "container.started",
+    "die": "container.stopped",
+    "destroy": "container.removed",
+    "pause": "container.paused",
+    "unpause": "container.unpaused",
+}
+
+
+class SessionServer:
+    def __init__(self, gateway: StudentGateway, server: asyncio.AbstractServer, path: Path) -> None:
+        self.gateway = gateway
+        self.server = server
+        self.path = path
+        self.connections: set[asyncio.Task[None]] = set()
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.engine_socket)
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(config.redis_url)
+        self.events = EventPublisher(redis=self.redis, namespace=config.namespace)
+        self.sessions: dict[int, SessionServer] = {}
+        self.ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.config.gateway_dir.mkdir(parents=True, exist_ok=True)
+        tasks = [
+            asyncio.create_task(self._control()),
+            asyncio.create_task(self._reconcile_forever()),
+            asyncio.create_task(self._watch_engine_events()),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for session_id in list(self.sessions):
+                await self.close_session(session_id, remove_dir=False)
+            await self.redis.aclose()
+
+    async def reconcile(self) -> None:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(self.config.sessions_key)  # type: ignore[misc]
+        records = {}
+        for key, value in raw.items():
+            try:
+                record = SessionRecord.loads(value)
+            except (ValueError, KeyError):
+                log.warning("ignoring a malformed session record %r", key)
+                continue
+            records[record.session_id] = record
+        for session_id, record in records.items():
+            if session_id not in self.sessions or not self.sessions[session_id].path.exists():
+                await self.open_session(record)
+        for session_id in list(self.sessions):
+            if session_id not in records:
+                await self.close_session(session_id)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+                self.ready.set()
+            except Exception:
+                log.exception("could not read the session registry")
+            await asyncio.sleep(RECONCILE_SECONDS)
+
+    async def _control(self) -> None:
+        while True:
+            try:
+                pubsub = self.redis.pubsub()
+                await pubsub.subscribe(self.config.control_channel)
+                await self.reconcile()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        notice = json.loads(message["data"])
+                        session_id = int(notice["session_id"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if notice.get("op") == "close":
+                        await self.close_session(session_id)
+                    else:
+                        await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the control channel failed; resubscribing")
+                await asyncio.sleep(1)
+
+    async def open_session(self, record: SessionRecord) -> None:
+        async with self._lock:
+            existing = self.sessions.get(record.session_id)
+            if existing is not None:
+                if existing.path.exists():
+                    existing.gateway.record = record
+                    return
+                await self._close(record.session_id, remove_dir=False)
+            directory = self.config.session_dir(record.session_id)
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o755)
+            path = self.config.session_socket(record.session_id)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            gateway = StudentGateway(record=record, config=self.config, engine=self.engine, events=self.events)
+            holder: SessionServer | None = None
+
+            async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                task = asyncio.current_task()
+                assert holder is not None and task is not None
+                holder.connections.add(task)  # type: ignore[arg-type]
+                try:
+                    await holder.gateway.serve(reader, writer)
+                finally:
+                    holder.connections.discard(task)  # type: ignore[arg-type]
+
+            staging = directory / ".docker.sock.new"
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
+            server = await asyncio.start_unix_server(on_connection, path=str(staging), limit=1024 * 1024)
+            os.chown(staging, self.config.socket_uid, self.config.socket_gid)
+            os.chmod(staging, 0o660)
+            os.replace(staging, path)
+            holder = SessionServer(gateway, server, path)
+            self.sessions[record.session_id] = holder
+            log.info("session %s: serving %s", record.session_id, path)
+
+    async def close_session(self, session_id: int, *, remove_dir: bool = True) -> None:
+        async with self._lock:
+            await self._close(session_id, remove_dir=remove_dir)
+
+    async def _close(self, session_id: int, *, remove_dir: bool) -> None:
+        holder = self.sessions.pop(session_id, None)
+        if holder is not None:
+            holder.server.close()
+            for task in list(holder.connections):
+                task.cancel()
+            await asyncio.gather(*holder.connections, return_exceptions=True)
+        path = self.config.session_socket(session_id)
+        if remove_dir:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        log.info("session %s: closed", session_id)
+
+    async def _watch_engine_events(self) -> None:
+        filters = {
+            "type": ["container"],
+            "event": list(CONTAINER_EVENTS),
+            "label": [f"{NAMESPACE}={self.config.namespace}", f"{ROLE}=student"],
+        }
+        while True:
+            stream: EngineStream | None = None
+            try:
+                stream = await self.engine.open("GET", "/events", query={"filters": json.dumps(filters)})
+                head = await stream.head()
+                if head.status != 200:
+                    raise ConnectionError(f"engine events answered {head.status}")
+                pending = b""
+                async for chunk in stream.chunks():
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            await self._publish_container_event(line)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("engine event stream failed; reconnecting", exc_info=True)
+            finally:
+                if stream is not None:
+                    stream.close()
+            await asyncio.sleep(1)
+
+    async def _publish_container_event(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            attributes = event["Actor"]["Attributes"]
+            session_id = int(attributes[SESSION])
+            kind = CONTAINER_EVENTS[event["Action"].split(":")[0]]
+        except (ValueError, KeyError, TypeError):
+            return
+        prefix = f"{self.config.namespace}-s{session_id}-"
+        fields = {
+            "id": event["Actor"].get("ID", ""),
+            "name": str(attributes.get("name", "")).removeprefix(prefix),
+            "image": attributes.get(IMAGE_LABEL) or attributes.get("image", ""),
+        }
+        if kind == "container.stopped":
+            fields["exit_code"] = int(attributes.get("exitCode", 0) or 0)
+        await self.events.publish(session_id, kind, **fields)

@@ -1,0 +1,1462 @@
+"""One student's view of the engine: routing, ownership, names, and the policy applied to every request.
+
+Ownership is read from the engine itself on every request (labels and name prefixes), so the gateway keeps
+no state that a restart could lose. A container, image, volume, network or exec instance that is not the
+student's answers exactly as docker answers for one that does not exist.
+"""
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import policy
+from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
+from .engine import Engine, EngineError, q
+from .events import EventPublisher
+from .http import ClientGone, EngineStream, HttpError, Request, ServerSide
+from .names import HEX_RE, BadReference, Namer, Reference, is_student_repo_tag, parse_reference, split_repo_tag
+from .registry import SessionRecord
+
+log = logging.getLogger(__name__)
+
+MANAGED = "layercake.managed"
+NAMESPACE = "layercake.namespace"
+SESSION = "layercake.session"
+OWNER = "layercake.owner"
+EXPIRES = "layercake.expires"
+ROLE = "layercake.role"
+CATALOG = "layercake.catalog"
+IMAGE_LABEL = "layercake.image"
+PORTS_LABEL = "layercake.ports"
+MB = 1024 * 1024
+VERSION_RE = re.compile(r"^/v(\d+)\.(\d+)(/.*)$")
+PASS_HEADERS = ("content-type", "api-version", "docker-experimental", "ostype", "server")
+
+_ADJECTIVES_WORDS = (
+    "admiring adoring affectionate amazing awesome blissful bold brave busy charming clever compassionate "
+    "competent confident cool dazzling determined eager ecstatic elastic elated elegant epic exciting "
+    "fervent festive flamboyant focused friendly frosty funny gallant gifted goofy gracious great happy "
+    "hopeful hungry infallible inspiring intelligent interesting jolly jovial keen kind laughing loving "
+    "lucid magical modest musing mystifying nice nifty nostalgic objective optimistic peaceful pensive "
+    "practical priceless quirky quizzical relaxed reverent romantic sharp silly sleepy stoic sweet tender "
+    "thirsty trusting unruffled upbeat vibrant vigilant vigorous wizardly wonderful xenodochial youthful "
+    "zealous zen "
+)
+ADJECTIVES = tuple(_ADJECTIVES_WORDS.split())
+_SURNAMES_WORDS = (
+    "albattani allen archimedes babbage banach bardeen bartik bell blackwell bohr borg bose brahmagupta "
+    "burnell cannon carson cerf chandrasekhar clarke curie darwin davinci dijkstra einstein elion "
+    "engelbart euclid euler fermat fermi feynman franklin galileo gauss goldberg goodall hamilton hawking "
+    "heisenberg hermann hodgkin hopper hypatia jackson jang jennings johnson joliot kalam keller kepler "
+    "khorana kilby knuth kowalevski lamarr lamport leakey lovelace lumiere mahavira margulis mayer "
+    "mccarthy mcclintock meitner mendel mirzakhani montalcini moore morse napier nash neumann newton "
+    "nobel noether noyce pascal pasteur perlman pike poincare ptolemy raman ramanujan ride ritchie "
+    "robinson rosalind saha sammet shannon shaw sinoussi snyder spence stonebraker sutherland swanson "
+    "tesla thompson torvalds turing varahamihira villani wescoff wilbur williams wilson wing wozniak "
+    "wright yalow yonath "
+)
+SURNAMES = tuple(_SURNAMES_WORDS.split())
+
+
+def not_found_container(ref: str) -> HttpError:
+    return HttpError(404, f"No such container: {ref}")
+
+
+def not_found_image(ref: str) -> HttpError:
+    return HttpError(404, f"No such image: {ref}")
+
+
+def not_found_exec(ref: str) -> HttpError:
+    return HttpError(404, f"No such exec instance: {ref}")
+
+
+def not_found_volume(ref: str) -> HttpError:
+    return HttpError(404, f"get {ref}: no such volume")
+
+
+def not_found_network(ref: str) -> HttpError:
+    return HttpError(404, f"network {ref} not found")
+
+
+def strip_labels(labels: dict[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (labels or {}).items() if not k.startswith("layercake.")}
+
+
+def short_id(image_id: str) -> str:
+    return image_id.removeprefix("sha256:")[:12]
+
+
+def image_id_matches(image_id: str, ref: str) -> bool:
+    bare = ref.removeprefix("sha256:")
+    return image_id.removeprefix("sha256:").startswith(bare) and bool(bare)
+
+
+@dataclass
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Callable[..., Awaitable[None]]
+    body_limit: str = "json"
+
+
+@dataclass
+class ImageView:
+    """An image as one student may see it."""
+
+    entry: dict[str, Any]
+    own: bool
+    curated_tags: list[str]
+    own_tags: list[str]
+
+    @property
+    def id(self) -> str:
+        return str(self.entry["Id"])
+
+    @property
+    def curated(self) -> bool:
+        return bool(self.curated_tags)
+
+
+DENIED = [
+    ("/swarm", "Swarm mode"),
+    ("/nodes", "Swarm mode"),
+    ("/services", "Swarm services"),
+    ("/tasks", "Swarm tasks"),
+    ("/secrets", "Swarm secrets"),
+    ("/configs", "Swarm configs"),
+    ("/plugins", "docker plugin"),
+    ("/auth", "docker login"),
+    ("/session", "BuildKit"),
+    ("/grpc", "BuildKit"),
+    ("/build/prune", "docker builder prune"),
+    ("/system/df", "docker system df"),
+    ("/images/load", "docker load"),
+    ("/images/get", "docker save"),
+    ("/images/search", "docker search"),
+    ("/distribution", "registry access"),
+    (
+        "/networks/prune",
+        "docker system prune and docker network prune (prune your own containers and images "
+        "with docker container prune and docker image prune)",
+    ),
+    ("/networks/create", "docker network create (your containers share your sandbox's own network)"),
+    ("/volumes/prune", "docker volume prune"),
+]
+
+
+class StudentGateway:
+    def __init__(
+        self, *, record: SessionRecord, config: GatewayConfig, engine: Engine, events: EventPublisher
+    ) -> None:
+        self.record = record
+        self.config = config
+        self.engine = engine
+        self.events = events
+        self.namer = Namer(namespace=config.namespace, session_id=record.session_id)
+        self.network = config.session_network(record.session_id)
+        budget = record.memory_budget_mb * MB
+        max_containers = max(record.max_containers, 1)
+        container_max = min(config.container_memory_max_mb * MB, budget)
+        self.limits = policy.Limits(
+            container_memory_max=container_max,
+            default_memory=max(min(budget // max_containers, container_max), 6 * MB),
+            nano_cpus=config.container_cpu_milli * 1_000_000,
+            pids=config.container_pids_max,
+            restart_retries=config.restart_retries_max,
+            shm_max=config.shm_max_mb * MB,
+        )
+        self.routes = self._routes()
+
+    # Routing.
+
+    def _routes(self) -> list[Route]:
+        c = r"/containers/(?P<ref>[^/]+)"
+        i = r"/images/(?P<ref>.+)"
+        table: list[tuple[str, str, Callable[..., Awaitable[None]]]] = [
+            ("GET", r"/_ping", self.ping),
+            ("HEAD", r"/_ping", self.ping),
+            ("GET", r"/version", self.version),
+            ("GET", r"/info", self.info),
+            ("GET", r"/events", self.events_stream),
+            ("GET", r"/containers/json", self.container_list),
+            ("POST", r"/containers/create", self.container_create),
+            ("POST", r"/containers/prune", self.container_prune),
+            ("GET", c + r"/json", self.container_inspect),
+            ("GET", c + r"/logs", self.container_logs),
+            ("GET", c + r"/top", self.container_top),
+            ("GET", c + r"/changes", self.container_changes),
+            ("GET", c + r"/stats", self.container_stats),
+            ("POST", c + r"/(?P<action>start|stop|restart|kill|pause|unpause)", self.container_action),
+            ("POST", c + r"/wait", self.container_wait),
+            ("POST", c + r"/resize", self.container_resize),
+            ("POST", c + r"/rename", self.container_rename),
+            ("POST", c + r"/update", self.container_update),
+            ("POST", c + r"/attach", self.container_attach),
+            ("POST", c + r"/exec", self.exec_create),
+            ("DELETE", c, self.container_remove),
+            ("POST", r"/exec/(?P<ref>[^/]+)/start", self.exec_start),
+            ("POST", r"/exec/(?P<ref>[^/]+)/resize", self.exec_resize),
+            ("GET", r"/exec/(?P<ref>[^/]+)/json", self.exec_inspect),
+            ("GET", r"/images/json", self.image_list),
+            ("POST", r"/images/create", self.image_pull),
+            ("POST", r"/images/prune", self.image_prune),
+            ("GET", i + r"/json", self.image_inspect),
+            ("GET", i + r"/history", self.image_history),
+            ("POST", i + r"/tag", self.image_tag),
+            ("DELETE", i, self.image_remove),
+            ("POST", r"/commit", self.commit),
+            ("POST", r"/build", self.build),
+            ("GET", r"/volumes", self.volume_list),
+            ("POST", r"/volumes/create", self.volume_create),
+            ("GET", r"/volumes/(?P<ref>[^/]+)", self.volume_inspect),
+            ("DELETE", r"/volumes/(?P<ref>[^/]+)", self.volume_remove),
+            ("GET", r"/networks", self.network_list),
+            ("GET", r"/networks/(?P<ref>[^/]+)", self.network_inspect),
+        ]
+        routes = []
+        for method, pattern, handler in table:
+            limit = "build" if pattern == r"/build" else "json"
+            routes.append(Route(method, re.compile(f"^{pattern}/?$"), handler, limit))
+        return routes
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route in self.routes:
+            match = route.pattern.match(path)
+            if match and route.method == method:
+                return route, match.groupdict()
+        return None
+
+    def _denied(self, method: str, path: str) -> HttpError:
+        for prefix, what in DENIED:
+            if path.startswith(prefix):
+                return policy.not_available(what)
+        if path.endswith("/archive"):
+            return policy.not_available("docker cp")
+        if path.endswith("/export"):
+            return policy.not_available("docker export")
+        if path.endswith("/push"):
+            return policy.not_available("docker push")
+        if path.startswith("/networks"):
+            return policy.not_available("changing networks")
+        if path.startswith("/containers/") and path.endswith("/attach/ws"):
+            return policy.not_available("attaching over a websocket")
+        return policy.not_available(f"{method} {path}")
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        side = ServerSide(reader, writer)
+        try:
+            while True:
+                try:
+                    request = await side.next_request()
+                    if request is None:
+                        return
+                    hijacked = await self._dispatch(side, request)
+                    if hijacked or not side.reusable:
+                        return
+                except HttpError as error:
+                    # A framing error leaves the connection in an unknown state: answer once, then close.
+                    if side.can_respond:
+                        await side.respond_error(error)
+                    return
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("session %s: request failed", self.record.session_id)
+        finally:
+            await side.close()
+
+    async def _dispatch(self, side: ServerSide, request: Request) -> bool:
+        path = request.path
+        match = VERSION_RE.match(path)
+        if match:
+            version = (int(match.group(1)), int(match.group(2)))
+            if version > tuple(int(p) for p in API_VERSION.split(".")):
+                await self._drain_and_fail(
+                    side,
+                    HttpError(
+                        400,
+                        f"client version {version[0]}.{version[1]} is too new. Maximum supported API version "
+                        f"is {API_VERSION}",
+                    ),
+                )
+                return False
+            if version < MIN_API_VERSION:
+                await self._drain_and_fail(
+                    side,
+                    HttpError(
+                        400,
+                        f"client version {version[0]}.{version[1]} is too old. Minimum supported API version "
+                        f"is {MIN_API_VERSION[0]}.{MIN_API_VERSION[1]}, please upgrade your client to a newer "
+                        "version",
+                    ),
+                )
+                return False
+            path = match.group(3)
+        found = self._match(request.method, path)
+        if found is None:
+            await self._drain_and_fail(side, self._denied(request.method, path))
+            return False
+        route, params = found
+        limit = self.config.build_context_max if route.body_limit == "build" else self.config.json_body_max
+        request.body = await side.read_body(limit)
+        request.path = path
+        try:
+            await route.handler(side, request, **params)
+        except BadReference as exc:
+            await side.respond_error(HttpError(400, str(exc)))
+        except HttpError as error:
+            if side.can_respond:
+                await side.respond_error(HttpError(error.status, self.namer.unmask(error.message)))
+            else:
+                raise ClientGone() from error
+        return side.switched
+
+    async def _drain_and_fail(self, side: ServerSide, error: HttpError) -> None:
+        await side.read_body(self.config.build_context_max)
+        await side.respond_error(error)
+
+    # Helpers.
+
+    def _labels(self, role: str) -> dict[str, str]:
+        record = self.record
+        return {
+            MANAGED: "1",
+            NAMESPACE: self.config.namespace,
+            SESSION: str(record.session_id),
+            OWNER: record.owner_key,
+            EXPIRES: str(record.expires_at),
+            ROLE: role,
+        }
+
+    def _own_filter(self, extra: dict[str, list[str]] | None = None) -> str:
+        filters: dict[str, list[str]] = {
+            "label": [f"{SESSION}={self.record.session_id}", f"{NAMESPACE}={self.config.namespace}"]
+        }
+        for key, values in (extra or {}).items():
+            filters.setdefault(key, []).extend(values)
+        return json.dumps(filters)
+
+    def _student_filters(self, request: Request, allowed: set[str]) -> dict[str, list[str]]:
+        raw = request.arg("filters")
+        if not raw:
+            return {}
+        data = policy.Fields(json.loads(raw) if raw.strip() else {}, "filters")
+        result: dict[str, list[str]] = {}
+        for key in list(data.items):
+            value = data.take(key)
+            name = data.items[key][0]
+            if name not in allowed:
+                raise HttpError(400, f"invalid filter '{name}'")
+            if isinstance(value, dict):
+                values = [k for k, v in value.items() if v]
+            elif isinstance(value, list):
+                values = [str(v) for v in value]
+            else:
+                raise HttpError(400, "invalid filter")
+            for item in values:
+                if name == "label" and item.lower().startswith("layercake."):
+                    raise HttpError(400, "labels starting with 'layercake.' are reserved by the sandbox")
+            result[name] = values
+        return result
+
+    async def _respond_engine(self, side: ServerSide, response: Any, *, payload: Any = None) -> None:
+        if response.status >= 400:
+            raise HttpError(response.status, self.namer.unmask(response.message))
+        if payload is None and not response.body.strip():
+            await side.respond(
+                response.status, b"", content_type=response.headers.get("content-type", "text/plain")
+            )
+            return
+        body = json.dumps(payload if payload is not None else response.json())
+        await side.respond(response.status, self.namer.unmask(body).encode() + b"\n")
+
+    async def _stream_engine(
+        self,
+        side: ServerSide,
+        stream: EngineStream,
+        *,
+        rewrite: Callable[[bytes], bytes] | None = None,
+        finish: Callable[[], bytes] | None = None,
+    ) -> None:
+        """Relay a streaming answer as it comes, without buffering it."""
+        try:
+            head = await stream.head()
+            if head.status >= 400:
+                body = await stream.read_all(1024 * 1024)
+                head.body = body
+                raise HttpError(head.status, self.namer.unmask(head.message))
+            headers = [(k, v) for k, v in head.raw_headers if k.lower() in PASS_HEADERS]
+            await side.start_stream(head.status, headers)
+            async for chunk in stream.chunks():
+                await side.stream_data(rewrite(chunk) if rewrite else chunk)
+            if finish is not None:
+                await side.stream_data(finish())
+            await side.end_stream()
+        except (ConnectionError, OSError) as exc:
+            raise ClientGone() from exc
+        finally:
+            stream.close()
+
+    # Containers: ownership.
+
+    async def own_containers(self, *, extra: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+        result = await self.engine.json(
+            "GET", "/containers/json", query={"all": "1", "filters": self._own_filter(extra)}
+        )
+        return list(result or [])
+
+    async def resolve_container(self, ref: str) -> dict[str, Any]:
+        containers = await self.own_containers()
+        for container in containers:
+            if container["Id"] == ref:
+                return container
+        try:
+            engine_name = "/" + self.namer.container(ref)
+        except BadReference:
+            engine_name = ""
+        for container in containers:
+            if engine_name in container.get("Names", []):
+                return container
+        if re.fullmatch(r"[a-f0-9]+", ref):
+            matches = [c for c in containers if c["Id"].startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise HttpError(400, f"Multiple IDs found with provided prefix: {ref}")
+        raise not_found_container(ref)
+
+    def _container_view(self, container: dict[str, Any]) -> dict[str, Any]:
+        labels = container.get("Labels") or {}
+        names = [self.namer.plain(n) for n in container.get("Names", []) if self.namer.owns_plain(n)]
+        container["Names"] = names
+        if labels.get(IMAGE_LABEL):
+            container["Image"] = labels[IMAGE_LABEL]
+        container["Labels"] = strip_labels(labels)
+        ports = policy.parse_ports_label(labels.get(PORTS_LABEL, ""))
+        if ports and container.get("State") == "running":
+            published = {(p.container_port, p.proto) for p in ports}
+            kept = [
+                p for p in container.get("Ports") or [] if (p.get("PrivatePort"), p.get("Type")) not in published
+            ]
+            container["Ports"] = kept + [
+                {"IP": "0.0.0.0", "PrivatePort": p.container_port, "PublicPort": p.host_port, "Type": p.proto}
+                for p in ports
+            ]
+        return container
+
+    # Endpoints: the daemon.
+
+    async def ping(self, side: ServerSide, request: Request) -> None:
+        headers = [
+            ("Builder-Version", "1"),
+            ("Cache-Control", "no-cache, no-store, must-revalidate"),
+            ("Pragma", "no-cache"),
+        ]
+        await side.respond(
+            200,
+            b"" if request.method == "HEAD" else b"OK",
+            content_type="text/plain; charset=utf-8",
+            headers=headers,
+        )
+
+    async def version(self, side: ServerSide, request: Request) -> None:
+        response = await self.engine.call("GET", "/version")
+        await self._respond_engine(side, response)
+
+    async def info(self, side: ServerSide, request: Request) -> None:
+        info = await self.engine.json("GET", "/info")
+        containers = await self.own_containers()
+        images = [view for view in await self.image_views() if view.own or view.curated]
+        states = [c.get("State") for c in containers]
+        redacted = {
+            "ID": "",
+            "Name": "layercake-sandbox",
+            "Containers": len(containers),
+            "ContainersRunning": states.count("running"),
+            "ContainersPaused": states.count("paused"),
+            "ContainersStopped": len(states) - states.count("running") - states.count("paused"),
+            "Images": len(images),
+            "Driver": info.get("Driver", ""),
+            "DriverStatus": [],
+            "Plugins": {
+                "Volume": ["local"],
+                "Network": ["bridge", "null"],
+                "Authorization": None,
+                "Log": ["local", "json-file"],
+            },
+            "MemoryLimit": info.get("MemoryLimit"),
+            "SwapLimit": info.get("SwapLimit"),
+            "CpuCfsPeriod": info.get("CpuCfsPeriod"),
+            "CpuCfsQuota": info.get("CpuCfsQuota"),
+            "CPUShares": info.get("CPUShares"),
+            "CPUSet": info.get("CPUSet"),
+            "PidsLimit": info.get("PidsLimit"),
+            "OomKillDisable": info.get("OomKillDisable"),
+            "IPv4Forwarding": info.get("IPv4Forwarding"),
+            "Debug": False,
+            "NFd": 0,
+            "NGoroutines": 0,
+            "SystemTime": info.get("SystemTime"),
+            "LoggingDriver": "local",
+            "CgroupDriver": info.get("CgroupDriver"),
+            "CgroupVersion": info.get("CgroupVersion"),
+            "NEventsListener": 0,
+            "KernelVersion": info.get("KernelVersion"),
+            "OperatingSystem": info.get("OperatingSystem"),
+            "OSVersion": info.get("OSVersion"),
+            "OSType": info.get("OSType"),
+            "Architecture": info.get("Architecture"),
+            "IndexServerAddress": info.get("IndexServerAddress"),
+            "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
+            "NCPU": info.get("NCPU"),
+            "MemTotal": info.get("MemTotal"),
+            "GenericResources": None,
+            "DockerRootDir": "",
+            "HttpProxy": "",
+            "HttpsProxy": "",
+            "NoProxy": "",
+            "Labels": [],
+            "ExperimentalBuild": False,
+            "ServerVersion": info.get("ServerVersion"),
+            "Runtimes": {"runc": {"path": "runc"}},
+            "DefaultRuntime": "runc",
+            "Swarm": {
+                "NodeID": "",
+                "NodeAddr": "",
+                "LocalNodeState": "inactive",
+                "ControlAvailable": False,
+                "Error": "",
+                "RemoteManagers": None,
+            },
+            "LiveRestoreEnabled": False,
+            "Isolation": "",
+            "InitBinary": "docker-init",
+            "SecurityOptions": info.get("SecurityOptions") or [],
+            "Warnings": None,
+        }
+        await side.respond_json(200, redacted)
+
+    async def events_stream(self, side: ServerSide, request: Request) -> None:
+        wanted = self._student_filters(request, {"type", "event", "label", "container", "image"})
+        filters: dict[str, list[str]] = {"label": [f"{SESSION}={self.record.session_id}"]}
+        for key in ("type", "event", "label"):
+            if key in wanted:
+                filters.setdefault(key, []).extend(wanted[key])
+        if "container" in wanted:
+            filters["container"] = [(await self.resolve_container(ref))["Id"] for ref in wanted["container"]]
+        if "image" in wanted:
+            filters["image"] = [(await self.resolve_image(ref)).id for ref in wanted["image"]]
+        query = {"filters": json.dumps(filters)}
+        for key in ("since", "until"):
+            if request.arg(key):
+                query[key] = request.arg(key)
+        stream = await self.engine.open("GET", "/events", query=query)
+        await self._stream_engine(side, stream, rewrite=LineRewriter(self._event_line).feed)
+
+    def _event_line(self, line: bytes) -> bytes | None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+        if attributes.get(SESSION) != str(self.record.session_id):
+            return None
+        if attributes.get(IMAGE_LABEL) and "image" in attributes:
+            attributes["image"] = attributes[IMAGE_LABEL]
+            if "from" in event:
+                event["from"] = attributes[IMAGE_LABEL]
+        event["Actor"]["Attributes"] = strip_labels(attributes)
+        return self.namer.unmask(json.dumps(event)).encode() + b"\n"
+
+    # Containers.
+
+    async def container_list(self, side: ServerSide, request: Request) -> None:
+        wanted = self._student_filters(
+            request,
+            {
+                "status",
+                "label",
+                "id",
+                "name",
+                "exited",
+                "ancestor",
+                "before",
+                "since",
+                "volume",
+                "health",
+                "network",
+                "publish",
+                "expose",
+                "is-task",
+            },
+        )
+        names = wanted.pop("name", [])
+        extra: dict[str, list[str]] = {}
+        for key in ("status", "label", "id", "exited", "health", "expose"):
+            if key in wanted:
+                extra[key] = wanted[key]
+        if "ancestor" in wanted:
+            extra["ancestor"] = [(await self.resolve_image(ref)).id for ref in wanted["ancestor"]]
+        for key in ("before", "since"):
+            if key in wanted:
+                extra[key] = [(await self.resolve_container(ref))["Id"] for ref in wanted[key]]
+        if "volume" in wanted:
+            extra["volume"] = [self.namer.volume(v) if "/" not in v else v for v in wanted["volume"]]
+        query = {"filters": self._own_filter(extra)}
+        if request.flag("all"):
+            query["all"] = "1"
+        if request.flag("size"):
+            query["size"] = "1"
+        containers = await self.engine.json("GET", "/containers/json", query=query) or []
+        views = [self._container_view(c) for c in containers]
+        if names:
+            patterns = [re.compile(n) for n in names]
+            views = [v for v in views if any(p.search(name) for p in patterns for name in v["Names"])]
+        limit = request.arg("limit")
+        if limit.lstrip("-").isdigit() and int(limit) > 0:
+            views = views[: int(limit)]
+        await side.respond(200, self.namer.unmask(json.dumps(views)).encode() + b"\n")
+
+    async def _own_memory(self, *, exclude: str = "") -> int:
+        containers = await self.own_containers(extra={"label": [f"{ROLE}=student"]})
+        details = await asyncio.gather(
+            *(self.engine.json("GET", f"/containers/{c['Id']}/json") for c in containers if c["Id"] != exclude),
+            return_exceptions=True,
+        )
+        total = 0
+        for detail in details:
+            if isinstance(detail, dict):
+                total += int((detail.get("HostConfig") or {}).get("Memory") or 0)
+        return total
+
+    async def container_create(self, side: ServerSide, request: Request) -> None:
+        plan = policy.container_create_plan(body=request.json(), limits=self.limits, network=self.network)
+        name = request.arg("name")
+        if name:
+            engine_name = self.namer.container(name)
+            name = name.lstrip("/")
+        else:
+            name, engine_name = await self._random_name()
+        image = await self.resolve_image(plan.image)
+        containers = await self.own_containers(extra={"label": [f"{ROLE}=student"]})
+        if len(containers) >= self.record.max_containers:
+            raise policy.Refused(
+                f"your sandbox may hold at most {self.record.max_containers} containers; remove some with "
+                "docker rm (docker ps -a lists them)"
+            )
+        used = await self._own_memory()
+        budget = self.record.memory_budget_mb * MB
+        if used + plan.memory > budget:
+            raise policy.Refused(
+                f"your sandbox's containers may use {budget // MB} MB of memory in total and "
+                f"{used // MB} MB are taken; remove a container or ask for less with --memory"
+            )
+        binds = []
+        for source, target, mode in plan.volumes:
+            volume = await self._ensure_volume(source)
+            binds.append(f"{volume}:{target}" + (f":{mode}" if mode else ""))
+        mounts = []
+        for mount in plan.mounts:
+            if mount["Source"]:
+                mount["Source"] = await self._ensure_volume(mount["Source"])
+            mounts.append(mount)
+        config = dict(plan.config)
+        config["Image"] = self._engine_image_ref(image, plan.image)
+        labels = {**config.pop("Labels"), **self._labels("student"), IMAGE_LABEL: plan.image}
+        if plan.ports:
+            labels[PORTS_LABEL] = policy.ports_label(plan.ports)
+            exposed = dict(config.get("ExposedPorts") or {})
+            for port in plan.ports:
+                exposed.setdefault(port.key, {})
+            config["ExposedPorts"] = exposed
+        config["Labels"] = labels
+        host_config = dict(plan.host_config)
+        if binds:
+            host_config["Binds"] = binds
+        if mounts:
+            host_config["Mounts"] = mounts
+        config["HostConfig"] = host_config
+        if not plan.network_none:
+            aliases = list(dict.fromkeys([name, *plan.aliases]))
+            config["NetworkingConfig"] = {"EndpointsConfig": {self.network: {"Aliases": aliases}}}
+        response = await self.engine.call(
+            "POST", "/containers/create", query={"name": engine_name}, payload=config
+        )
+        await self._respond_engine(side, response)
+
+    def _engine_image_ref(self, image: ImageView, typed: str) -> str:
+        """How to name the image to the engine so that what the engine prints reads as the student typed it."""
+        try:
+            ref = parse_reference(typed)
+        except BadReference:
+            return image.id
+        if ref.digest:
+            return image.id
+        if ref.familiar in image.curated_tags:
+            return typed
+        if self.namer.image_tag(ref) in (image.entry.get("RepoTags") or []):
+            repo = self.namer.image_repo(ref)
+            return repo if split_repo_tag(typed)[1] == "" else f"{repo}:{ref.tag}"
+        return image.id
+
+    async def _random_name(self) -> tuple[str, str]:
+        taken = {n for c in await self.own_containers() for n in c.get("Names", [])}
+        for _ in range(20):
+            name = f"{secrets.choice(ADJECTIVES)}_{secrets.choice(SURNAMES)}"
+            engine_name = self.namer.container(name)
+            if "/" + engine_name not in taken:
+                return name, engine_name
+        name = f"{secrets.choice(ADJECTIVES)}_{secrets.choice(SURNAMES)}{secrets.randbelow(10)}"
+        return name, self.namer.container(name)
+
+    async def _ensure_volume(self, name: str) -> str:
+        engine_name = self.namer.volume(name)
+        response = await self.engine.call("GET", f"/volumes/{q(engine_name)}")
+        if response.status == 200:
+            return engine_name
+        await self.engine.json(
+            "POST",
+            "/volumes/create",
+            payload={"Name": engine_name, "Driver": "local", "Labels": self._labels("student-volume")},
+        )
+        return engine_name
+
+    async def container_inspect(self, side: ServerSide, request: Request, ref: str) -> None:
+        container = await self.resolve_container(ref)
+        detail = await self.engine.json(
+            "GET", f"/containers/{container['Id']}/json", query={"size": "1"} if request.flag("size") else None
+        )
+        labels = (detail.get("Config") or {}).get("Labels") or {}
+        detail["Name"] = self.namer.plain(detail.get("Name", ""))
+        if labels.get(IMAGE_LABEL):
+            detail["Config"]["Image"] = labels[IMAGE_LABEL]
+        ports = policy.parse_ports_label(labels.get(PORTS_LABEL, ""))
+        if ports:
+            bindings = {p.key: [{"HostIp": "", "HostPort": str(p.host_port)}] for p in ports}
+            detail["HostConfig"]["PortBindings"] = bindings
+            if (detail.get("State") or {}).get("Running"):
+                settings_ports = detail.setdefault("NetworkSettings", {}).get("Ports") or {}
+                for p in ports:
+                    settings_ports[p.key] = [{"HostIp": "0.0.0.0", "HostPort": str(p.host_port)}]
+                detail["NetworkSettings"]["Ports"] = settings_ports
+        detail["Config"]["Labels"] = strip_labels(labels)
+        await side.respond(200, self.namer.unmask(json.dumps(detail)).encode() + b"\n")
+
+    async def _container_passthrough(
+        self, side: ServerSide, request: Request, ref: str, suffix: str, keep: tuple[str, ...], method: str = "GET"
+    ) -> None:
+        container = await self.resolve_container(ref)
+        query = [(k, v) for k, v in request.query if k in keep]
+        stream = await self.engine.open(method, f"/containers/{container['Id']}{suffix}", query=query)
+        await self._stream_engine(side, stream)
+
+    async def container_logs(self, side: ServerSide, request: Request, ref: str) -> None:
+        keep = ("follow", "stdout", "stderr", "since", "until", "timestamps", "tail", "details")
+        await self._container_passthrough(side, request, ref, "/logs", keep)
+
+    async def container_top(self, side: ServerSide, request: Request, ref: str) -> None:
+        ps_args = request.arg("ps_args")
+        if ps_args and not re.fullmatch(r"[a-zA-Z0-9 ,=-]{1,64}", ps_args):
+            raise HttpError(400, "unsupported ps options")
+        await self._container_passthrough(side, request, ref, "/top", ("ps_args",))
+
+    async def container_changes(self, side: ServerSide, request: Request, ref: str) -> None:
+        await self._container_passthrough(side, request, ref, "/changes", ())
+
+    async def container_stats(self, side: ServerSide, request: Request, ref: str) -> None:
+        await self._container_passthrough(side, request, ref, "/stats", ("stream", "one-shot"))
+
+    async def container_wait(self, side: ServerSide, request: Request, ref: str) -> None:
+        await self._container_passthrough(side, request, ref, "/wait", ("condition",), method="POST")
+
+    async def container_action(self, side: ServerSide, request: Request, ref: str, action: str) -> None:
+        container = await self.resolve_container(ref)
+        keep = {"stop": ("t",), "restart": ("t",), "kill": ("signal",), "start": ("detachKeys",)}.get(action, ())
+        query = [(k, v) for k, v in request.query if k in keep]
+        response = await self.engine.call("POST", f"/containers/{container['Id']}/{action}", query=query)
+        if response.status == 404:
+            raise not_found_container(ref)
+        await self._respond_engine(side, response)
+
+    async def container_resize(self, side: ServerSide, request: Request, ref: str) -> None:
+        container = await self.resolve_container(ref)
+        query = [(k, v) for k, v in request.query if k in ("h", "w")]
+        await self._respond_engine(
+            side, await self.engine.call("POST", f"/containers/{container['Id']}/resize", query=query)
+        )
+
+    async def container_rename(self, side: ServerSide, request: Request, ref: str) -> None:
+        container = await self.resolve_container(ref)
+        new_name = self.namer.container(request.arg("name"))
+        response = await self.engine.call(
+            "POST", f"/containers/{container['Id']}/rename", query={"name": new_name}
+        )
+        await self._respond_engine(side, response)
+
+    async def container_update(self, side: ServerSide, request: Request, ref: str) -> None:
+        container = await self.resolve_container(ref)
+        plan = policy.container_update_plan(body=request.json(), limits=self.limits)
+        if plan.memory is not None:
+            used = await self._own_memory(exclude=container["Id"])
+            budget = self.record.memory_budget_mb * MB
+            if used + plan.memory > budget:
+                raise policy.Refused(
+                    f"your sandbox's containers may use {budget // MB} MB of memory in total; "
+                    f"the others already use {used // MB} MB"
+                )
+        response = await self.engine.call("POST", f"/containers/{container['Id']}/update", payload=plan.body)
+        await self._respond_engine(side, response)
+
+    async def container_remove(self, side: ServerSide, request: Request, ref: str) -> None:
+        if request.flag("link"):
+            raise policy.not_available("docker rm --link")
+        container = await self.resolve_container(ref)
+        query = {"v": "1", "force": "1" if request.flag("force") else "0"}
+        response = await self.engine.call("DELETE", f"/containers/{container['Id']}", query=query)
+        if response.status == 404:
+            raise not_found_container(ref)
+        await self._respond_engine(side, response)
+
+    async def container_prune(self, side: ServerSide, request: Request) -> None:
+        wanted = self._student_filters(request, {"until", "label"})
+        filters = json.loads(self._own_filter({"label": [f"{ROLE}=student"], **wanted}))
+        response = await self.engine.call("POST", "/containers/prune", query={"filters": json.dumps(filters)})
+        await self._respond_engine(side, response)
+
+    async def container_attach(self, side: ServerSide, request: Request, ref: str) -> None:
+        container = await self.resolve_container(ref)
+        keep = ("stream", "stdin", "stdout", "stderr", "logs", "detachKeys")
+        query = [(k, v) for k, v in request.query if k in keep]
+        await self._hijack(side, request, f"/containers/{container['Id']}/attach", query=query, body=None)
+
+    async def _hijack(
+        self, side: ServerSide, request: Request, path: str, *, query: list[tuple[str, str]], body: bytes | None
+    ) -> None:
+        if not request.upgrade:
+            raise HttpError(400, "this endpoint needs an upgraded connection (Connection: Upgrade, Upgrade: tcp)")
+        headers = [("Connection", "Upgrade"), ("Upgrade", "tcp")]
+        if body is not None:
+            headers.append(("Content-Type", "application/json"))
+        stream = await self.engine.open("POST", path, query=query, body=body, headers=headers)
+        try:
+            head = await stream.head()
+            if head.status != 101:
+                head.body = await stream.read_all(1024 * 1024)
+                if head.status >= 400:
+                    raise HttpError(head.status, self.namer.unmask(head.message))
+                await side.respond(
+                    head.status, head.body, content_type=head.headers.get("content-type", "text/plain")
+                )
+                return
+            content_type = head.headers.get("content-type", "application/vnd.docker.raw-stream")
+            from_student = await side.switch_protocols(
+                [("Content-Type", content_type), ("Connection", "Upgrade"), ("Upgrade", "tcp")]
+            )
+            await splice(
+                student=(side.reader, side.writer),
+                engine=(stream.reader, stream.writer),
+                student_first=from_student,
+                engine_first=stream.trailing(),
+            )
+        finally:
+            stream.close()
+
+    # Exec.
+
+    async def exec_create(self, side: ServerSide, request: Request, ref: str) -> None:
+        container = await self.resolve_container(ref)
+        body = policy.exec_create_body(request.json())
+        response = await self.engine.call("POST", f"/containers/{container['Id']}/exec", payload=body)
+        await self._respond_engine(side, response)
+
+    async def resolve_exec(self, ref: str) -> dict[str, Any]:
+        if not re.fullmatch(r"[a-f0-9]{64}", ref):
+            raise not_found_exec(ref)
+        response = await self.engine.call("GET", f"/exec/{ref}/json")
+        if response.status != 200:
+            raise not_found_exec(ref)
+        detail = response.json()
+        owned = {c["Id"] for c in await self.own_containers()}
+        if detail.get("ContainerID") not in owned:
+            raise not_found_exec(ref)
+        return dict(detail)
+
+    async def exec_start(self, side: ServerSide, request: Request, ref: str) -> None:
+        await self.resolve_exec(ref)
+        body = policy.exec_start_body(request.json())
+        if body["Detach"]:
+            response = await self.engine.call("POST", f"/exec/{ref}/start", payload=body)
+            await self._respond_engine(side, response)
+            return
+        await self._hijack(side, request, f"/exec/{ref}/start", query=[], body=json.dumps(body).encode())
+
+    async def exec_resize(self, side: ServerSide, request: Request, ref: str) -> None:
+        await self.resolve_exec(ref)
+        query = [(k, v) for k, v in request.query if k in ("h", "w")]
+        await self._respond_engine(side, await self.engine.call("POST", f"/exec/{ref}/resize", query=query))
+
+    async def exec_inspect(self, side: ServerSide, request: Request, ref: str) -> None:
+        detail = await self.resolve_exec(ref)
+        await side.respond(200, self.namer.unmask(json.dumps(detail)).encode() + b"\n")
+
+    # Images: ownership.
+
+    async def image_views(
+        self, *, all_images: bool = False, filters: dict[str, list[str]] | None = None
+    ) -> list[ImageView]:
+        query = {"all": "1" if all_images else "0"}
+        if filters:
+            query["filters"] = json.dumps(filters)
+        entries = await self.engine.json("GET", "/images/json", query=query) or []
+        views = []
+        session = str(self.record.session_id)
+        for entry in entries:
+            labels = entry.get("Labels") or {}
+            tags = [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
+            own_tags = [t for t in tags if self.namer.owns_repo_tag(t)]
+            curated_tags = [t for t in tags if not is_student_repo_tag(t)] if labels.get(CATALOG) else []
+            own = labels.get(SESSION) == session and not curated_tags
+            if own or own_tags or curated_tags:
+                views.append(ImageView(entry=entry, own=own, curated_tags=curated_tags, own_tags=own_tags))
+        return views
+
+    async def resolve_image(self, ref: str) -> ImageView:
+        views = await self.image_views()
+        return self._find_image(views, ref)
+
+    def _find_image(self, views: list[ImageView], ref: str) -> ImageView:
+        parsed: Reference | None = None
+        try:
+            parsed = parse_reference(ref)
+        except BadReference:
+            parsed = None
+        if parsed is not None and not parsed.digest:
+            familiar = parsed.familiar
+            for view in views:
+                if familiar in view.curated_tags:
+                    return view
+            engine_tag = self.namer.image_tag(parsed)
+            for view in views:
+                if engine_tag in view.own_tags:
+                    return view
+        if HEX_RE.match(ref):
+            bare = ref.removeprefix("sha256:")
+            matches = [v for v in views if image_id_matches(v.id, bare)]
+            if len(matches) == 1 and (len(bare) >= 1):
+                return matches[0]
+        if parsed is not None:
+            raise not_found_image(parsed.familiar if not parsed.digest else ref)
+        raise not_found_image(ref)
+
+    def _visible_tags(self, view: ImageView) -> list[str]:
+        return view.curated_tags + [self.namer.unmask(t) for t in view.own_tags]
+
+    def _image_entry(self, view: ImageView) -> dict[str, Any]:
+        entry = dict(view.entry)
+        tags = self._visible_tags(view)
+        entry["RepoTags"] = tags or ([] if view.entry.get("RepoTags") in (None, []) else ["<none>:<none>"])
+        digests = [d for d in entry.get("RepoDigests") or [] if not is_student_repo_tag(d)] if view.curated else []
+        entry["RepoDigests"] = digests or ([] if tags else ["<none>@<none>"])
+        entry["Labels"] = strip_labels(entry.get("Labels"))
+        return entry
+
+    # Images.
+
+    async def image_list(self, side: ServerSide, request: Request) -> None:
+        wanted = self._student_filters(request, {"dangling", "label", "before", "since", "reference"})
+        references = wanted.pop("reference", [])
+        engine_filters = {k: v for k, v in wanted.items() if k in ("dangling", "label")}
+        for key in ("before", "since"):
+            if key in wanted:
+                engine_filters[key] = [(await self.resolve_image(ref)).id for ref in wanted[key]]
+        views = await self.image_views(filters=engine_filters or None)
+        entries = [self._image_entry(view) for view in views]
+        if references:
+            import fnmatch
+
+            def matches(tag: str) -> bool:
+                repo, _tag = split_repo_tag(tag)
+                return any(fnmatch.fnmatchcase(tag, r) or fnmatch.fnmatchcase(repo, r) for r in references)
+
+            entries = [e for e in entries if any(matches(t) for t in e["RepoTags"] if t != "<none>:<none>")]
+        await side.respond_json(200, entries)
+
+    async def image_inspect(self, side: ServerSide, request: Request, ref: str) -> None:
+        view = await self.resolve_image(ref)
+        detail = await self.engine.json("GET", f"/images/{view.id}/json")
+        detail["RepoTags"] = self._visible_tags(view)
+        detail["RepoDigests"] = (
+            [d for d in detail.get("RepoDigests") or [] if not is_student_repo_tag(d)] if view.curated else []
+        )
+        for key in ("Config", "ContainerConfig"):
+            if isinstance(detail.get(key), dict):
+                detail[key]["Labels"] = strip_labels(detail[key].get("Labels")) or None
+                if detail[key].get("Image") and detail[key]["Image"].startswith(("sha256:",)):
+                    pass
+        await side.respond(200, self.namer.unmask(json.dumps(detail)).encode() + b"\n")
+
+    async def image_history(self, side: ServerSide, request: Request, ref: str) -> None:
+        view = await self.resolve_image(ref)
+        views = await self.image_views(all_images=True)
+        visible = {v.id: self._visible_tags(v) for v in views}
+        history = await self.engine.json("GET", f"/images/{view.id}/history")
+        rows: list[dict[str, Any]] = []
+        for row in history:
+            created_by = str(row.get("CreatedBy", ""))
+            if f"LABEL {SESSION}=" in created_by and "#(nop)" in created_by:
+                carry = row
+                continue
+            if rows == [] and "carry" in locals():
+                row["Id"] = carry["Id"]
+                row["Tags"] = carry.get("Tags")
+            row["Tags"] = visible.get(row.get("Id", "")) or None
+            rows.append(row)
+        await side.respond(200, self.namer.unmask(json.dumps(rows)).encode() + b"\n")
+
+    def _student_target(self, repo: str, tag: str) -> tuple[Reference, str]:
+        """The engine name for a name the student gives to an image; curated names are refused."""
+        if not repo:
+            raise HttpError(400, "repository name must have at least one component")
+        ref = parse_reference(f"{repo}:{tag}" if tag else repo)
+        if ref.digest:
+            raise HttpError(400, "refusing to create a tag with a digest reference")
+        return ref, self.namer.image_tag(ref)
+
+    async def _refuse_curated_name(self, ref: Reference, views: list[ImageView] | None = None) -> None:
+        views = views if views is not None else await self.image_views()
+        curated = {t for v in views for t in v.curated_tags}
+        curated_repos = {split_repo_tag(t)[0] for t in curated}
+        if ref.familiar in curated or (
+            not ref.domain and ref.familiar_name in curated_repos and ref.tag == "latest"
+        ):
+            raise policy.Refused(
+                f"{ref.familiar} is one of the course's curated images and cannot be overwritten; "
+                "choose another name"
+            )
+
+    async def image_tag(self, side: ServerSide, request: Request, ref: str) -> None:
+        views = await self.image_views()
+        source = self._find_image(views, ref)
+        target, engine_tag = self._student_target(request.arg("repo"), request.arg("tag"))
+        await self._refuse_curated_name(target, views)
+        repo, tag = split_repo_tag(engine_tag)
+        response = await self.engine.call("POST", f"/images/{source.id}/tag", query={"repo": repo, "tag": tag})
+        await self._respond_engine(side, response)
+        if response.status < 300:
+            await self.events.publish(
+                self.record.session_id, "image.tagged", id=source.id, tag=target.familiar, source=ref
+            )
+
+    async def image_remove(self, side: ServerSide, request: Request, ref: str) -> None:
+        views = await self.image_views()
+        view = self._find_image(views, ref)
+        by_name = None
+        try:
+            parsed = parse_reference(ref)
+            if not parsed.digest and self.namer.image_tag(parsed) in view.own_tags:
+                by_name = self.namer.image_tag(parsed)
+            elif not parsed.digest and parsed.familiar in view.curated_tags:
+                raise HttpError(
+                    409,
+                    f'conflict: unable to remove repository reference "{ref}": {parsed.familiar} is one of the '
+                    "course's curated images and cannot be removed",
+                )
+        except BadReference:
+            pass
+        if by_name is None:
+            if view.curated:
+                raise HttpError(
+                    409,
+                    f"conflict: unable to delete {short_id(view.id)}: it is one of the course's curated images "
+                    "and cannot be removed",
+                )
+            if not view.own and view.own_tags:
+                by_name = view.own_tags[0] if len(view.own_tags) == 1 else None
+                if by_name is None:
+                    raise HttpError(
+                        409,
+                        f"conflict: unable to delete {short_id(view.id)} (must be forced) - image is referenced "
+                        "in multiple repositories",
+                    )
+        target = by_name or view.id
+        query = {
+            "force": "1" if request.flag("force") and by_name is None else "0",
+            "noprune": "1" if request.flag("noprune") else "0",
+        }
+        response = await self.engine.call("DELETE", f"/images/{q(target)}", query=query)
+        await self._respond_engine(side, response)
+        if response.status < 300:
+            items = response.json() or []
+            await self.events.publish(
+                self.record.session_id,
+                "image.removed",
+                ref=ref,
+                untagged=[self.namer.unmask(i["Untagged"]) for i in items if "Untagged" in i],
+                deleted=[i["Deleted"] for i in items if "Deleted" in i],
+            )
+
+    async def image_prune(self, side: ServerSide, request: Request) -> None:
+        wanted = self._student_filters(request, {"dangling", "until", "label"})
+        filters = {
+            "label": [f"{SESSION}={self.record.session_id}"],
+            **{k: v for k, v in wanted.items() if k != "label"},
+        }
+        filters["label"].extend(wanted.get("label", []))
+        response = await self.engine.call("POST", "/images/prune", query={"filters": json.dumps(filters)})
+        await self._respond_engine(side, response)
+
+    async def image_pull(self, side: ServerSide, request: Request) -> None:
+        if request.arg("fromSrc"):
+            raise policy.not_available("docker import")
+        from_image = request.arg("fromImage")
+        tag = request.arg("tag")
+        if not from_image:
+            raise HttpError(400, "fromImage is required")
+        ref = parse_reference(
+            f"{from_image}@{tag}" if tag.startswith("sha256:") else (f"{from_image}:{tag}" if tag else from_image)
+        )
+        if ref.domain:
+            raise policy.Refused(
+                f"pulling from {ref.domain} is not available in the Layercake sandbox: there is no registry here, "
+                "only the course's curated images can be pulled",
+            )
+        views = await self.image_views()
+        found = next((v for v in views if ref.familiar in v.curated_tags), None)
+        if found is None:
+            raise HttpError(
+                404,
+                f"pull access denied for {ref.familiar_name}, repository does not exist or may require "
+                "'docker login': in the Layercake sandbox only the course's curated images can be pulled",
+            )
+        path = ref.path if "/" in ref.path else f"library/{ref.path}"
+        messages = [
+            {"status": f"Pulling from {path}", "id": ref.tag},
+            {"status": f"Digest: {found.id}"},
+            {"status": f"Status: Image is up to date for {ref.familiar}"},
+        ]
+        await side.start_stream(200, [("Content-Type", "application/json")])
+        for message in messages:
+            await side.stream_data(json.dumps(message).encode() + b"\r\n")
+        await side.end_stream()
+
+    async def commit(self, side: ServerSide, request: Request) -> None:
+        container = await self.resolve_container(request.arg("container"))
+        if not policy.is_zero(request.json()):
+            raise policy.not_available("a configuration body for docker commit (use --change)")
+        changes = policy.commit_changes(request.args("changes"))
+        changes.append(f"LABEL {SESSION}={self.record.session_id}")
+        query: list[tuple[str, str]] = [("container", container["Id"])]
+        target: Reference | None = None
+        if request.arg("repo"):
+            target, engine_tag = self._student_target(request.arg("repo"), request.arg("tag"))
+            await self._refuse_curated_name(target)
+            repo, tag = split_repo_tag(engine_tag)
+            query += [("repo", repo), ("tag", tag)]
+        for key in ("comment", "author"):
+            if request.arg(key):
+                query.append((key, request.arg(key)))
+        query.append(("pause", "0" if request.arg("pause") in ("0", "false") else "1"))
+        query += [("changes", change) for change in changes]
+        response = await self.engine.call("POST", "/commit", query=query)
+        await self._respond_engine(side, response)
+        if response.status < 300:
+            await self.events.publish(
+                self.record.session_id,
+                "image.committed",
+                id=response.json().get("Id"),
+                container=self.namer.plain(container["Names"][0]).lstrip("/"),
+                tags=[target.familiar] if target else [],
+            )
+
+    # Builds.
+
+    async def build(self, side: ServerSide, request: Request) -> None:
+        if request.arg("remote"):
+            raise policy.not_available("building from a remote context (URL or git repository)")
+        if request.arg("version") == "2":
+            raise policy.not_available("BuildKit (use the classic builder: DOCKER_BUILDKIT=0)")
+        if request.arg("networkmode") not in ("", "default", "none"):
+            raise policy.not_available(f"docker build --network {request.arg('networkmode')}")
+        for name, what in (
+            ("extrahosts", "--add-host"),
+            ("cgroupparent", "--cgroup-parent"),
+            ("cpusetcpus", "--cpuset-cpus"),
+            ("cpusetmems", "--cpuset-mems"),
+            ("ulimits", "--ulimit"),
+            ("securityopt", "--security-opt"),
+            ("isolation", "--isolation"),
+            ("squash", "--squash"),
+            ("outputs", "--output"),
+        ):
+            value = request.arg(name)
+            if value not in ("", "0", "false", "null", "[]", "{}", "default"):
+                raise policy.not_available(f"docker build {what}")
+        views = await self.image_views()
+        tags = []
+        targets = []
+        for tag in request.args("t"):
+            target, engine_tag = self._student_target(*split_repo_tag(tag))
+            await self._refuse_curated_name(target, views)
+            tags.append(engine_tag)
+            targets.append(target.familiar)
+        labels = policy.student_labels(json.loads(request.arg("labels") or "null"), "labels")
+        labels[SESSION] = str(self.record.session_id)
+        build_args = request.arg("buildargs")
+        if build_args:
+            parsed_args = json.loads(build_args)
+            if not isinstance(parsed_args, dict) or not all(
+                isinstance(v, str | None) for v in parsed_args.values()
+            ):
+                raise HttpError(400, "invalid build args")
+        context = await asyncio.to_thread(policy.build_context_dockerfile, request.body, request.arg("dockerfile"))
+        plan = policy.dockerfile_plan(context.dockerfile_text)
+        for position in range(len(plan.dockerfile.instructions)):
+            word, rest = policy._instruction_args(plan.dockerfile.instructions[position][2])
+            if word == "LABEL" and ("layercake." in rest.lower() or "$" in rest):
+                raise policy.Refused("labels starting with 'layercake.' are reserved by the sandbox")
+        resolved: dict[str, str] = {}
+        for image in [*plan.images.values(), *plan.copy_from.values()]:
+            view = self._find_image(views, image)
+            resolved[image] = self._engine_image_ref(view, image)
+        text = policy.dockerfile_rewrite(plan, lambda image: resolved[image])
+        body = await asyncio.to_thread(
+            policy.build_context_replace, request.body, member_name=context.member_name, text=text
+        )
+        memory = self.limits.container_memory_max
+        query: list[tuple[str, str]] = [("t", t) for t in tags]
+        query += [
+            ("dockerfile", context.dockerfile_name),
+            ("networkmode", "none"),
+            ("rm", "1"),
+            ("forcerm", "1"),
+            ("pull", "0"),
+            ("memory", str(memory)),
+            ("memswap", str(memory)),
+            ("cpuperiod", "100000"),
+            ("cpuquota", str(self.limits.nano_cpus // 10_000)),
+            ("labels", json.dumps(labels)),
+            ("version", "1"),
+        ]
+        for key in ("q", "nocache", "target", "buildargs"):
+            if request.arg(key):
+                query.append((key, request.arg(key)))
+        stream = await self.engine.open(
+            "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
+        )
+        output = BuildOutput(self.namer, session_id=self.record.session_id)
+        await self._stream_engine(side, stream, rewrite=output.feed, finish=output.flush)
+        if output.image_id:
+            await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
+
+    # Volumes.
+
+    async def volume_list(self, side: ServerSide, request: Request) -> None:
+        wanted = self._student_filters(request, {"name", "dangling", "driver", "label"})
+        names = wanted.pop("name", [])
+        result = await self.engine.json("GET", "/volumes", query={"filters": self._own_filter(wanted)})
+        volumes = [self._volume_view(v) for v in result.get("Volumes") or []]
+        if names:
+            volumes = [v for v in volumes if any(n in v["Name"] for n in names)]
+        await side.respond(
+            200, self.namer.unmask(json.dumps({"Volumes": volumes, "Warnings": None})).encode() + b"\n"
+        )
+
+    def _volume_view(self, volume: dict[str, Any]) -> dict[str, Any]:
+        volume["Labels"] = strip_labels(volume.get("Labels")) or None
+        return volume
+
+    async def _own_volume(self, name: str) -> dict[str, Any]:
+        try:
+            engine_name = self.namer.volume(name)
+        except BadReference:
+            raise not_found_volume(name) from None
+        response = await self.engine.call("GET", f"/volumes/{q(engine_name)}")
+        if response.status != 200:
+            raise not_found_volume(name)
+        volume = response.json()
+        labels = volume.get("Labels") or {}
+        if labels.get(SESSION) != str(self.record.session_id) or labels.get(NAMESPACE) != self.config.namespace:
+            raise not_found_volume(name)
+        return dict(volume)
+
+    async def volume_create(self, side: ServerSide, request: Request) -> None:
+        name, labels = policy.volume_create_body(request.json())
+        name = name or secrets.token_hex(32)
+        engine_name = self.namer.volume(name)
+        payload = {"Name": engine_name, "Driver": "local", "Labels": {**labels, **self._labels("student-volume")}}
+        response = await self.engine.call("POST", "/volumes/create", payload=payload)
+        if response.status >= 400:
+            raise HttpError(response.status, self.namer.unmask(response.message))
+        await side.respond(201, self.namer.unmask(json.dumps(self._volume_view(response.json()))).encode() + b"\n")
+
+    async def volume_inspect(self, side: ServerSide, request: Request, ref: str) -> None:
+        volume = await self._own_volume(ref)
+        await side.respond(200, self.namer.unmask(json.dumps(self._volume_view(volume))).encode() + b"\n")
+
+    async def volume_remove(self, side: ServerSide, request: Request, ref: str) -> None:
+        volume = await self._own_volume(ref)
+        query = {"force": "1" if request.flag("force") else "0"}
+        response = await self.engine.call("DELETE", f"/volumes/{q(volume['Name'])}", query=query)
+        await self._respond_engine(side, response)
+
+    # Networks.
+
+    async def network_list(self, side: ServerSide, request: Request) -> None:
+        response = await self.engine.call("GET", f"/networks/{q(self.network)}")
+        networks = [self._network_view(response.json())] if response.status == 200 else []
+        await side.respond_json(200, networks)
+
+    def _network_view(self, network: dict[str, Any]) -> dict[str, Any]:
+        network["Labels"] = strip_labels(network.get("Labels"))
+        containers = network.get("Containers") or {}
+        for value in containers.values():
+            if isinstance(value, dict) and "Name" in value:
+                value["Name"] = self.namer.plain(value["Name"])
+        return network
+
+    async def network_inspect(self, side: ServerSide, request: Request, ref: str) -> None:
+        response = await self.engine.call("GET", f"/networks/{q(self.network)}")
+        if response.status != 200:
+            raise not_found_network(ref)
+        network = response.json()
+        if ref not in (network.get("Name"), network.get("Id")) and not (
+            len(ref) >= 1 and re.fullmatch(r"[a-f0-9]+", ref) and network.get("Id", "").startswith(ref)
+        ):
+            raise not_found_network(ref)
+        await side.respond(200, self.namer.unmask(json.dumps(self._network_view(network))).encode() + b"\n")
+
+
+class LineRewriter:
+    """Rewrites a newline-delimited JSON stream line by line, holding back only an incomplete last line."""
+
+    def __init__(self, rewrite: Callable[[bytes], bytes | None]) -> None:
+        self.rewrite = rewrite
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.pending += chunk
+        lines = self.pending.split(b"\n")
+        self.pending = lines.pop()
+        out = []
+        for line in lines:
+            if line.strip():
+                rewritten = self.rewrite(line)
+                if rewritten:
+                    out.append(rewritten)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        pending, self.pending = self.pending, b""
+        if pending.strip():
+            return self.rewrite(pending) or b""
+        return b""
+
+
+STEP_RE = re.compile(r"^Step (\d+)/(\d+) : ")
+ID_LINE_RE = re.compile(r"^ ---> [0-9a-f]{12}\n?$")
+
+
+class BuildOutput(LineRewriter):
+    """The classic builder's progress with the student's names, and without the step that labels the image
+    as theirs (the labels parameter becomes a LABEL step of its own)."""
+
+    def __init__(self, namer: Namer, *, session_id: int) -> None:
+        super().__init__(self._line)
+        self.namer = namer
+        self.label_step = f"LABEL {SESSION}={session_id}"
+        self.hidden_step = 0
+        self.hiding = False
+        self.image_id = ""
+        self.held = b""
+
+    def _line(self, line: bytes) -> bytes | None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return line + b"\n"
+        aux = message.get("aux")
+        if isinstance(aux, dict) and aux.get("ID"):
+            self.image_id = str(aux["ID"])
+        text = message.get("stream")
+        held, self.held = self.held, b""
+        if isinstance(text, str):
+            match = STEP_RE.match(text)
+            if match:
+                step, total = int(match.group(1)), int(match.group(2))
+                if text[match.end() :].startswith(self.label_step):
+                    self.hidden_step = step
+                    self.hiding = True
+                    return None
+                self.hiding = False
+                new_step = step - 1 if self.hidden_step and step > self.hidden_step else step
+                text = f"Step {new_step}/{total - 1} : " + text[match.end() :]
+            elif text.startswith("Successfully") or message.get("error"):
+                self.hiding = False
+            elif self.hiding:
+                return self._encode(message) if ID_LINE_RE.match(text) else None
+            message["stream"] = text
+            if ID_LINE_RE.match(text):
+                self.held = self._encode(message)
+                return held or None
+        elif self.hiding and not message.get("error") and not aux:
+            return held or None
+        if message.get("error"):
+            self.hiding = False
+        return held + self._encode(message)
+
+    def _encode(self, message: dict[str, Any]) -> bytes:
+        return self.namer.unmask(json.dumps(message)).encode() + b"\r\n"
+
+    def flush(self) -> bytes:
+        rest = super().flush()
+        held, self.held = self.held, b""
+        return held + rest
+
+
+async def splice(
+    *,
+    student: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    engine: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    student_first: bytes,
+    engine_first: bytes,
+) -> None:
+    """Relay a hijacked stream both ways, unbuffered, passing on each side's half-close."""
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes) -> None:
+        try:
+            if first:
+                writer.write(first)
+                await writer.drain()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            pass
+
+    upstream = asyncio.create_task(pump(student[0], engine[1], student_first))
+    downstream = asyncio.create_task(pump(engine[0], student[1], engine_first))
+    try:
+        await downstream
+    finally:
+        upstream.cancel()
+        await asyncio.gather(upstream, return_exceptions=True)
+        engine[1].close()
+
+
+async def engine_error(exc: EngineError) -> HttpError:
+    return HttpError(exc.status, exc.message)
+
+
+def now() -> int:
+    return int(time.time())

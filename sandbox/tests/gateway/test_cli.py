@@ -1,0 +1,140 @@
+"""The curriculum's commands, typed into the workstation's docker CLI as a student types them, through the
+gateway; where the output has a shape, it is compared with the same CLI straight against the engine."""
+
+import re
+import secrets
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+from .conftest import StudentSession
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis, pytest.mark.slow]
+
+DOCKERFILE = (
+    "FROM {image}\nWORKDIR /app\nCOPY hello.txt .\nRUN echo built > /built\nEXPOSE 80\n"
+    'CMD ["cat", "/app/hello.txt"]\n'
+)
+
+
+def ok(result: tuple[int, str]) -> str:
+    code, output = result
+    assert code == 0, output
+    return output
+
+
+def header(output: str) -> str:
+    return re.sub(r"\s+", " ", output.splitlines()[0]).strip()
+
+
+def steps(output: str) -> list[str]:
+    return [
+        re.sub(r"[0-9a-f]{12}", "ID", line)
+        for line in output.splitlines()
+        if line.startswith(("Step ", " ---> ", "Successfully"))
+    ]
+
+
+@pytest.fixture
+def baseline_names(engine: docker.APIClient) -> Any:
+    names: list[str] = []
+    yield names
+    for name in names:
+        try:
+            engine.remove_image(name, force=True)
+        except docker.errors.APIError as exc:
+            if exc.status_code not in (404, 409):
+                raise
+
+
+def test_curriculum_commands_through_the_gateway(
+    student: StudentSession, workstation_factory: Any, curated_image: str, baseline_names: list[str]
+) -> None:
+    ws = workstation_factory.for_session(student)
+    base = workstation_factory.baseline()
+    image = curated_image
+
+    images = ok(ws.docker("docker images"))
+    assert header(images) == header(ok(base.docker("docker images"))) == "REPOSITORY TAG IMAGE ID CREATED SIZE"
+    assert image.split(":")[0] in images
+    assert ok(ws.docker(f"docker run --rm {image} echo hello")) == "hello\n"
+    assert ok(base.docker(f"docker run --rm {image} echo hello")) == "hello\n"
+    history = ok(ws.docker(f"docker history --format '{{{{.ID}}}} {{{{.CreatedBy}}}} {{{{.Size}}}}' {image}"))
+    assert history == ok(
+        base.docker(f"docker history --format '{{{{.ID}}}} {{{{.CreatedBy}}}} {{{{.Size}}}}' {image}")
+    )
+    assert header(ok(ws.docker(f"docker history {image}"))) == "IMAGE CREATED CREATED BY SIZE COMMENT"
+    pull = ok(ws.docker(f"docker pull {image}"))
+    assert f"Status: Image is up to date for {image}" in pull
+
+    ok(ws.docker(f"printf 'hi\\n' > hello.txt && printf '{DOCKERFILE.format(image=image)}' > Dockerfile"))
+    ok(base.docker(f"printf 'hi\\n' > hello.txt && printf '{DOCKERFILE.format(image=image)}' > Dockerfile"))
+    built = ok(ws.docker("docker build -t myapp . 2>/dev/null"))
+    base_tag = f"lcbase-{secrets.token_hex(4)}"
+    baseline_names.append(base_tag)
+    base_built = ok(base.docker(f"docker build --no-cache -t {base_tag} . 2>/dev/null"))
+    assert steps(built) == [line.replace(base_tag, "myapp") for line in steps(base_built)]
+    assert "Successfully tagged myapp:latest" in built
+    assert ok(ws.docker("docker run --rm myapp")) == "hi\n"
+    history = ok(ws.docker("docker history myapp"))
+    assert len(history.splitlines()) == len(ok(base.docker(f"docker history {base_tag}")).splitlines())
+    assert "layercake.session" not in history
+
+    ok(ws.docker(f"docker run -d --name web -p 8080:80 {image} sleep 600"))
+    ps = ok(ws.docker("docker ps"))
+    assert (
+        header(ps)
+        == header(ok(base.docker("docker ps")))
+        == "CONTAINER ID IMAGE COMMAND CREATED STATUS PORTS NAMES"
+    )
+    row = ps.splitlines()[1]
+    assert row.split()[1] == image and row.endswith(" web") and "0.0.0.0:8080->80/tcp" in row
+    assert ok(ws.docker("docker exec web sh -c 'echo changed > /etc/motd; cat /etc/motd'")) == "changed\n"
+    assert ok(ws.docker("docker exec -i web cat", stdin="piped")) == "piped"
+    diff = ok(ws.docker("docker diff web"))
+    assert ("C /etc" in diff and "A /etc/motd" in diff) or "C /etc/motd" in diff
+    ok(ws.docker("docker pause web"))
+    assert "(Paused)" in ok(ws.docker("docker ps"))
+    ok(ws.docker("docker unpause web"))
+    ok(ws.docker("docker stop -t 1 web"))
+    assert "Exited" in ok(ws.docker("docker ps -a"))
+    assert ok(ws.docker("docker ps -q")) == ""
+    ok(ws.docker("docker start web"))
+    assert ok(ws.docker("docker exec web cat /etc/motd")) == "changed\n"
+    assert (
+        ok(ws.docker("docker inspect --format '{{.Name}} {{.State.Status}} {{.Config.Image}}' web"))
+        == f"/web running {image}\n"
+    )
+    ok(ws.docker("docker commit web snapshot"))
+    assert ok(ws.docker("docker run --rm snapshot cat /etc/motd")) == "changed\n"
+    ok(ws.docker("docker tag snapshot snapshot:v2"))
+    tagged = ok(ws.docker("docker images snapshot"))
+    ids = {line.split()[2] for line in tagged.splitlines()[1:]}
+    assert len(tagged.splitlines()) == 3 and len(ids) == 1 and len(ids.pop()) == 12
+    ok(ws.docker("docker run --name user-of-myapp myapp"))
+    refused = ws.docker("docker rmi myapp")
+    assert refused[0] != 0 and "conflict" in refused[1] and "is using its referenced image" in refused[1]
+    assert ok(ws.docker("docker logs user-of-myapp")) == "hi\n"
+
+    ok(ws.docker("docker volume create data"))
+    ok(ws.docker(f"docker run --rm -v data:/data {image} sh -c 'echo kept > /data/f'"))
+    assert ok(ws.docker(f"docker run --rm -v data:/data {image} cat /data/f")) == "kept\n"
+    assert "data" in ok(ws.docker("docker volume ls"))
+
+    tty = ok(ws.docker(f"script -qec 'docker run -it --rm {image} sh -c tty' /dev/null"))
+    assert "/dev/pts/" in tty
+
+    ok(ws.docker("docker build -t myapp . >/dev/null 2>&1"))
+    dangling = ok(ws.docker("docker images -q --filter dangling=true"))
+    assert len(dangling.split()) >= 0
+    ok(ws.docker("docker rm -f $(docker ps -aq)"))
+    assert ok(ws.docker("docker ps -aq")) == ""
+    ok(ws.docker("docker rmi snapshot:v2 snapshot"))
+    if dangling.strip():
+        ok(ws.docker("docker rmi $(docker images -q --filter dangling=true)"))
+    assert ok(ws.docker("docker images -q --filter dangling=true")) == ""
+    ok(ws.docker("docker image prune -f"))
+    ok(ws.docker("docker container prune -f"))
+    assert image.split(":")[0] in ok(ws.docker("docker images"))

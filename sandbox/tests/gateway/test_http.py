@@ -1,0 +1,148 @@
+"""The gateway's HTTP: version negotiation, default deny, strict parsing and keep-alive, on a real socket."""
+
+import contextlib
+import json
+import socket
+import stat
+
+import pytest
+
+from .conftest import StudentSession
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
+
+
+def test_ping_answers_what_the_cli_negotiates_with(student: StudentSession) -> None:
+    answer = student.call("GET", "/_ping")
+    assert answer.status == 200 and answer.body == b"OK"
+    assert answer.headers["api-version"] == "1.41"
+    assert answer.headers["ostype"] == "linux"
+    assert student.call("HEAD", "/_ping").status == 200
+
+
+def test_socket_is_the_only_thing_in_the_directory_and_uid_1000_can_connect(student: StudentSession) -> None:
+    assert [p.name for p in student.directory.iterdir()] == ["docker.sock"]
+    info = student.socket.stat()
+    assert stat.S_ISSOCK(info.st_mode) and info.st_uid == 1000 and info.st_mode & 0o600 == 0o600
+    assert student.directory.stat().st_mode & 0o755 == 0o755
+
+
+def test_versioned_and_unversioned_paths(student: StudentSession) -> None:
+    assert student.call("GET", "/version").json()["ApiVersion"] == "1.41"
+    assert student.call("GET", "/v1.41/version").status == 200
+    assert student.call("GET", "/v1.40/containers/json").status == 200
+    too_new = student.call("GET", "/v1.45/version")
+    assert too_new.status == 400 and "too new" in too_new.message
+    too_old = student.call("POST", "/v1.23/containers/x/start", {"Privileged": True})
+    assert too_old.status == 400 and "too old" in too_old.message
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "feature"),
+    [
+        ("GET", "/v1.41/swarm", "Swarm"),
+        ("GET", "/v1.41/plugins", "plugin"),
+        ("POST", "/v1.41/auth", "docker login"),
+        ("GET", "/v1.41/containers/abc/archive?path=/", "docker cp"),
+        ("GET", "/v1.41/containers/abc/export", "docker export"),
+        ("POST", "/v1.41/images/busybox/push", "docker push"),
+        ("POST", "/v1.41/networks/create", "docker network create"),
+        ("POST", "/v1.41/networks/prune", "prune"),
+        ("POST", "/v1.41/session", "BuildKit"),
+        ("GET", "/v1.41/system/df", "system df"),
+        ("POST", "/v1.41/images/load", "docker load"),
+        ("GET", "/v1.41/nonsense", "not available"),
+    ],
+)
+def test_default_deny(student: StudentSession, method: str, path: str, feature: str) -> None:
+    answer = student.call(method, path)
+    assert answer.status == 403
+    assert feature in answer.message and "not available in the Layercake sandbox" in answer.message
+
+
+def test_duplicate_keys_are_refused_also_by_case(student: StudentSession, curated_image: str) -> None:
+    for body in (
+        b'{"Image": "%s", "Image": "x"}' % curated_image.encode(),
+        b'{"Image": "%s", "HostConfig": {}, "hostconfig": {"Privileged": true}}' % curated_image.encode(),
+        b'{"Image": "%s", "HostConfig": {"Privileged": false, "privileged": true}}' % curated_image.encode(),
+    ):
+        answer = student.call(
+            "POST", "/v1.41/containers/create", body=body, headers={"Content-Type": "application/json"}
+        )
+        assert answer.status == 400 and "duplicate key" in answer.message
+    assert student.call("GET", "/containers/json?all=1").json() == []
+
+
+def test_a_case_variant_key_is_read_as_go_reads_it(student: StudentSession, curated_image: str) -> None:
+    answer = student.call(
+        "POST", "/containers/create", {"image": curated_image, "hostconfig": {"privileged": True}}
+    )
+    assert answer.status == 403 and "--privileged" in answer.message
+    answer = student.call(
+        "POST", "/containers/create", {"Image": curated_image, "HostConfig": {"\u017frivileged": True}}
+    )
+    assert answer.status == 400
+
+
+def test_chunked_body_is_read_whole(student: StudentSession, curated_image: str) -> None:
+    body = json.dumps({"Image": curated_image, "Cmd": ["true"]}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7))
+    request = (
+        b"POST /v1.41/containers/create?name=chunky HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks + b"0\r\n\r\n"
+    )
+    answer = student.raw(request)
+    assert answer.startswith(b"HTTP/1.1 201"), answer
+    names = [c["Names"] for c in student.call("GET", "/containers/json?all=1").json()]
+    assert names == [["/chunky"]]
+
+
+def test_ambiguous_framing_is_refused_and_nothing_runs(student: StudentSession, curated_image: str) -> None:
+    body = json.dumps({"Image": curated_image}).encode()
+    request = (
+        b"POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Length: %d\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), len(body), body)
+    )
+    answer = student.raw(request)
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert student.call("GET", "/containers/json?all=1").json() == []
+
+
+def test_smuggled_request_in_a_body_is_not_a_request(student: StudentSession, curated_image: str) -> None:
+    hidden = (
+        b"POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 60\r\n\r\n"
+        + json.dumps({"Image": curated_image, "HostConfig": {"Privileged": True}}).encode()
+    )
+    request = b"POST /v1.41/containers/json HTTP/1.1\r\nHost: docker\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(hidden),
+        hidden,
+    )
+    request += b"GET /v1.41/swarm HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
+    answer = student.raw(request)
+    assert answer.count(b"HTTP/1.1 403") == 2, answer
+    assert student.call("GET", "/containers/json?all=1").json() == []
+
+
+def test_each_request_on_a_keep_alive_connection_is_judged_on_its_own(
+    student: StudentSession, curated_image: str
+) -> None:
+    good = json.dumps({"Image": curated_image, "Cmd": ["true"]}).encode()
+    bad = json.dumps({"Image": curated_image, "HostConfig": {"CapAdd": ["SYS_ADMIN"]}}).encode()
+    head = b"POST /containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n"
+    request = head % len(good) + b"\r\n" + good + head % len(bad) + b"Connection: close\r\n\r\n" + bad
+    answer = student.raw(request)
+    assert answer.startswith(b"HTTP/1.1 201") and b"HTTP/1.1 403" in answer and b"--cap-add" in answer
+    assert len(student.call("GET", "/containers/json?all=1").json()) == 1
+
+
+def test_body_over_the_cap_is_refused(student: StudentSession) -> None:
+    body = b"[" + b"1," * 700_000 + b"1]"
+    head = b"POST /containers/create HTTP/1.1\r\nHost: docker\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(student.socket))
+        with contextlib.suppress(BrokenPipeError):
+            sock.sendall(head + body)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
