@@ -1,0 +1,62 @@
+"""The lesson terminal in the student's workstation: the spine and the gateway together, for real."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import docker
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from lessons.models import Lesson
+from sandbox.models import Sandbox, SandboxState
+from sandbox.tests.test_terminal_live import Terminal, _start, _ws
+
+from .conftest import WORKSTATION_IMAGE, GatewayProcess
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis, pytest.mark.slow]
+
+
+def _session_objects(session_id: int) -> list[str]:
+    engine = docker.DockerClient(base_url=settings.SANDBOX_DOCKER_URL)
+    try:
+        found = [
+            c["Names"][0]
+            for c in engine.api.containers(all=True, filters={"label": f"layercake.session={session_id}"})
+        ]
+        found += [i["Id"] for i in engine.api.images(filters={"label": f"layercake.session={session_id}"})]
+        found += [n["Name"] for n in engine.api.networks(filters={"label": f"layercake.session={session_id}"})]
+        return found
+    finally:
+        engine.close()
+
+
+@pytest.mark.usefixtures("engine_cleanup")
+def test_the_terminal_opens_in_the_workstation_with_a_working_docker(
+    live_asgi: str, gateway_process: GatewayProcess
+) -> None:
+    lesson = Lesson.objects.create(slug="docker", title="Docker", body="text", image=WORKSTATION_IMAGE)
+    client = Client()
+    sandbox = _start(client, lesson)
+
+    async def session() -> None:
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            term = Terminal(ws)
+            await term.hello()
+            await term.until(lambda t: t.state() == "ready", within=60)
+            await term.run("id -u; echo $DOCKER_HOST", b"unix:///run/layercake/docker.sock")
+            await term.run("docker ps -a", b"CONTAINER ID")
+            await term.run("docker run --name mine busybox echo hello-$((40+2))", b"hello-42")
+            await term.run("docker ps -a --format '{{.Names}} {{.Status}}'", b"mine Exited (0)")
+
+    asyncio.run(session())
+    assert _session_objects(sandbox.pk), "the student's container should exist until the sandbox ends"
+
+    client.post(f"/sandbox/{sandbox.pk}/stop/", HTTP_HX_REQUEST="true")
+    deadline = time.monotonic() + 30
+    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
+        assert time.monotonic() < deadline, "the sandbox did not end"
+        time.sleep(0.2)
+    assert _session_objects(sandbox.pk) == []
+    assert not (Path(settings.GATEWAY_DIR) / str(sandbox.pk)).exists()
