@@ -81,17 +81,18 @@ class SandboxTerminal {
 
   clipboardKeys(event) {
     if (event.type !== "keydown") return true;
-    const modifier = event.ctrlKey || event.metaKey;
     const key = event.key.toLowerCase();
-    // Ctrl+Shift+C / Ctrl+Shift+V (and Cmd+C / Cmd+V): Ctrl+C alone still interrupts the shell.
-    if (modifier && key === "c" && (event.shiftKey || event.metaKey) && this.term.hasSelection()) {
+    const shortcut = (event.ctrlKey && event.shiftKey) || event.metaKey;
+    // Ctrl+Shift+C copies the selection (and must not open the browser's inspector); Ctrl+C alone still
+    // interrupts the shell.
+    if (shortcut && key === "c" && this.term.hasSelection()) {
+      event.preventDefault();
       navigator.clipboard?.writeText(this.term.getSelection());
       return false;
     }
-    if (modifier && key === "v" && (event.shiftKey || event.metaKey)) {
-      navigator.clipboard?.readText().then((text) => this.term.paste(text));
-      return false;
-    }
+    // Ctrl+Shift+V: the browser's own paste event brings the text, which xterm pastes; the terminal must
+    // not also send the key itself.
+    if (shortcut && key === "v") return false;
     return true;
   }
 
