@@ -147,18 +147,20 @@ def test_someone_elses_terminal_is_refused_without_data(live_asgi: str, lesson: 
     owner = Client()
     sandbox = _start(owner, lesson)
     stranger = Client()
-    stranger.get("/")
+    stranger.get(lesson.get_absolute_url())
+    assert "sessionid" in stranger.cookies, "a visitor gets an identity of their own"
 
     async def attempt(client: Client | None) -> None:
         async with _ws(live_asgi, sandbox.pk, client) as ws:
-            await ws.send(protocol.hello_frame(has_screen=False, offset=0))
+            received: list[object] = []
             with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 10)
+                await ws.send(protocol.hello_frame(has_screen=False, offset=0))
+                received.append(await asyncio.wait_for(ws.recv(), 10))
+            assert received == []
             assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_FORBIDDEN
 
     asyncio.run(attempt(None))
-    if "sessionid" in stranger.cookies:
-        asyncio.run(attempt(stranger))
+    asyncio.run(attempt(stranger))
 
 
 def test_malformed_frames_close_cleanly_and_absurd_sizes_are_ignored(live_asgi: str, lesson: Lesson) -> None:
@@ -241,3 +243,42 @@ def test_when_the_shell_exits_the_page_is_told_why_and_nothing_is_left(live_asgi
         assert time.monotonic() < deadline, "the sandbox did not end"
         time.sleep(0.2)
     assert _engine_objects() == []
+
+
+def test_an_idle_sandbox_is_ended_by_the_reaper_and_the_page_is_told(live_asgi: str, lesson: Lesson) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sandbox.tasks import sandbox_reap_task
+
+    client = Client()
+    sandbox = _start(client, lesson)
+
+    async def session() -> None:
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            term = Terminal(ws)
+            await term.hello()
+            await term.until(lambda t: t.state() == "ready", within=60)
+            await asyncio.to_thread(
+                lambda: Sandbox.objects.filter(pk=sandbox.pk).update(
+                    last_activity_at=timezone.now() - timedelta(hours=1)
+                )
+            )
+            sandbox_reap_task.delay()
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frame = await asyncio.wait_for(ws.recv(), 20)
+                    assert isinstance(frame, bytes)
+                    await term._take(frame)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_ENDED
+            assert term.states[-1]["reason"] == "idle"
+            assert term.states[-1]["message"] == "The sandbox was idle for too long."
+
+    asyncio.run(session())
+    deadline = time.monotonic() + 30
+    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
+        assert time.monotonic() < deadline, "the sandbox did not end"
+        time.sleep(0.2)
+    assert _engine_objects() == []
+    assert "The sandbox was idle for too long." in client.get(f"/sandbox/{sandbox.pk}/").content.decode()

@@ -9,17 +9,18 @@ CHANNEL_LAYERS = {
     "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
 }
 CELERY_BROKER_URL = REDIS_URL
+# One namespace per test run: a test run never touches a running site's sandboxes, nor another run's, and
+# has a database file of its own.
+SANDBOX_NAMESPACE = env_str("LAYERCAKE_SANDBOX_NAMESPACE", f"lctest{os.getpid()}")
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": str(DATA_DIR / "test.sqlite3"),
+        "NAME": str(DATA_DIR / f"{SANDBOX_NAMESPACE}.sqlite3"),
         "OPTIONS": {"timeout": 20},
-        "TEST": {"NAME": str(DATA_DIR / "test-db.sqlite3")},
+        "TEST": {"NAME": str(DATA_DIR / f"{SANDBOX_NAMESPACE}-db.sqlite3")},
     }
 }
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-# One namespace per test process: a test run never touches a running site's sandboxes, nor another run's.
-SANDBOX_NAMESPACE = env_str("LAYERCAKE_SANDBOX_NAMESPACE", f"lctest{os.getpid()}")
 GATEWAY_DIR = DATA_DIR / "test-gateway" / SANDBOX_NAMESPACE
 SANDBOX_IDLE_TIMEOUT = 600
 SANDBOX_MAX_AGE = 900
