@@ -1,0 +1,80 @@
+from collections.abc import Iterator
+
+import pytest
+from django.test import Client, override_settings
+
+from lessons.models import Lesson
+from sandbox import backends, services
+from sandbox.backends.base import EngineUnavailable
+from sandbox.models import Sandbox
+
+from .fakes import MemoryBackend
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def memory_backend() -> Iterator[type[MemoryBackend]]:
+    MemoryBackend.running = {}
+    MemoryBackend.fail_with = None
+    backends._backends.clear()
+    with override_settings(SANDBOX_BACKEND="sandbox.tests.fakes.MemoryBackend"):
+        yield MemoryBackend
+    backends._backends.clear()
+
+
+@pytest.fixture
+def lesson() -> Lesson:
+    return Lesson.objects.create(slug="one", title="One", body="text")
+
+
+def test_start_renders_the_terminal_panel(lesson: Lesson, django_capture_on_commit_callbacks) -> None:  # type: ignore[no-untyped-def]
+    client = Client()
+    with django_capture_on_commit_callbacks(execute=False):
+        response = client.post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    sandbox = Sandbox.objects.get()
+    assert f'data-ws-path="/ws/sandbox/{sandbox.pk}/terminal/"' in response.content.decode()
+
+
+def test_start_without_javascript_returns_to_the_lesson(
+    lesson: Lesson, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    with django_capture_on_commit_callbacks(execute=False):
+        response = Client().post("/sandbox/start/", {"lesson": "one"})
+    assert response.status_code == 302 and response["Location"] == lesson.get_absolute_url()
+
+
+def test_an_unknown_lesson_cannot_be_started() -> None:
+    assert Client().post("/sandbox/start/", {"lesson": "nope"}).status_code == 404
+
+
+def test_a_full_host_says_try_again_shortly(lesson: Lesson, django_capture_on_commit_callbacks) -> None:  # type: ignore[no-untyped-def]
+    with override_settings(SANDBOX_CAPACITY=1), django_capture_on_commit_callbacks(execute=False):
+        Client().post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true")
+        response = Client().post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 503
+    assert response["Retry-After"] == "30"
+    assert "Try again in a minute" in response.content.decode()
+
+
+def test_engine_down_is_shown_plainly(lesson: Lesson, memory_backend: type[MemoryBackend]) -> None:
+    memory_backend.fail_with = EngineUnavailable("connection refused")
+    client = Client()
+    client.post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true")
+    sandbox = Sandbox.objects.get()
+    services.sandbox_launch(sandbox_id=sandbox.pk)
+    page = client.get(f"/sandbox/{sandbox.pk}/").content.decode()
+    assert "The container engine is not reachable right now." in page
+    assert "Start a fresh sandbox" in page
+
+
+def test_only_the_owner_can_see_or_stop_a_sandbox(lesson: Lesson, django_capture_on_commit_callbacks) -> None:  # type: ignore[no-untyped-def]
+    owner = Client()
+    with django_capture_on_commit_callbacks(execute=False):
+        owner.post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true")
+    sandbox = Sandbox.objects.get()
+    stranger = Client()
+    assert stranger.get(f"/sandbox/{sandbox.pk}/").status_code == 404
+    assert stranger.post(f"/sandbox/{sandbox.pk}/stop/").status_code == 404
+    assert owner.get(f"/sandbox/{sandbox.pk}/").status_code == 200
