@@ -58,24 +58,13 @@ def _engine_left_clean(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
-def redis_flushed() -> Iterator[None]:
-    import redis
-    from django.conf import settings
-
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    client.flushdb()
-    yield
-    client.flushdb()
-    client.close()
-
-
-@pytest.fixture
-def celery_live_worker(transactional_db: None, redis_flushed: None) -> Iterator[None]:
-    """A real Celery worker, in this process, consuming from the real Redis broker."""
+def celery_live_worker(transactional_db: None) -> Iterator[None]:
+    """A real Celery worker, in this process, consuming this run's own queue on the real Redis broker."""
     from celery.contrib.testing.worker import start_worker
 
     from tutorial.celery import app
 
+    app.control.purge()
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30):
         yield
 

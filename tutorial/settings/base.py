@@ -78,16 +78,21 @@ STATIC_ROOT = Path(env_str("LAYERCAKE_STATIC_ROOT", str(BASE_DIR / "staticfiles"
 JAVASCRIPT_DIR = Path(env_str("LAYERCAKE_JAVASCRIPT_DIR", "/usr/share/javascript"))
 STATICFILES_DIRS = [BASE_DIR / "static", ("vendor", JAVASCRIPT_DIR)]
 
+# Names and labels of everything this site creates on the engine start with the namespace, so two sites (or a
+# test run beside a running site) can share one engine and one Redis without touching each other's sandboxes.
+SANDBOX_NAMESPACE = env_str("LAYERCAKE_SANDBOX_NAMESPACE", "layercake")
+
 REDIS_URL = env_str("LAYERCAKE_REDIS_URL", "redis://127.0.0.1:6391/0")
 
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{SANDBOX_NAMESPACE}:channels"},
     }
 }
 
 CELERY_BROKER_URL = env_str("LAYERCAKE_CELERY_BROKER_URL", REDIS_URL)
+CELERY_TASK_DEFAULT_QUEUE = SANDBOX_NAMESPACE
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
@@ -106,9 +111,6 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
 # The sandbox runtime.
-# Names and labels of everything this site creates on the engine start with the namespace, so two sites (or a
-# test run beside a running site) can share one engine without touching each other's sandboxes.
-SANDBOX_NAMESPACE = env_str("LAYERCAKE_SANDBOX_NAMESPACE", "layercake")
 SANDBOX_BACKEND = env_str("LAYERCAKE_SANDBOX_BACKEND", "sandbox.backends.docker.DockerBackend")
 SANDBOX_DOCKER_URL = env_str("LAYERCAKE_DOCKER_URL", "unix:///var/run/docker.sock")
 SANDBOX_IMAGE = env_str("LAYERCAKE_SANDBOX_IMAGE", "layercake/shell:latest")
