@@ -19,6 +19,7 @@ from sandbox.backends.docker import DockerBackend, sandbox_name
 
 pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("engine_cleanup")]
 
+SHELL_IMAGE = "layercake/shell:latest"
 _next_session = iter(range(900_000, 1_000_000))
 
 
@@ -26,7 +27,7 @@ def _spec(*, lifetime: int = 600) -> SandboxSpec:
     return SandboxSpec(
         session_id=next(_next_session),
         owner_key="anon-test",
-        image=settings.SANDBOX_IMAGE,
+        image=SHELL_IMAGE,
         expires_at=int(time.time()) + lifetime,
         memory_mb=128,
         cpu_milli=250,

@@ -75,7 +75,7 @@ def _ws(host: str, pk: int, client: Client | None) -> "connect":
 
 @pytest.fixture
 def lesson() -> Lesson:
-    return Lesson.objects.create(slug="live", title="Live", body="text")
+    return Lesson.objects.create(slug="live", title="Live", body="text", image="layercake/shell:latest")
 
 
 def _start(client: Client, lesson: Lesson) -> Sandbox:

@@ -59,7 +59,9 @@ def run(page: Page, command: str, expect: str) -> str:
 @pytest.fixture
 def lesson(live_asgi: str) -> Lesson:
     # Made before the browser starts: Playwright's sync API runs an event loop in this thread.
-    return Lesson.objects.create(slug="browser", title="In the browser", body="Try it.")
+    return Lesson.objects.create(
+        slug="browser", title="In the browser", body="Try it.", image="layercake/shell:latest"
+    )
 
 
 def shell_cols(page: Page) -> int:

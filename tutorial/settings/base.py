@@ -113,7 +113,7 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 # The sandbox runtime.
 SANDBOX_BACKEND = env_str("LAYERCAKE_SANDBOX_BACKEND", "sandbox.backends.docker.DockerBackend")
 SANDBOX_DOCKER_URL = env_str("LAYERCAKE_DOCKER_URL", "unix:///var/run/docker.sock")
-SANDBOX_IMAGE = env_str("LAYERCAKE_SANDBOX_IMAGE", "layercake/shell:latest")
+SANDBOX_IMAGE = env_str("LAYERCAKE_SANDBOX_IMAGE", "layercake/workstation:latest")
 SANDBOX_IDLE_TIMEOUT = env_int("LAYERCAKE_SANDBOX_IDLE_TIMEOUT", 15 * 60)
 SANDBOX_MAX_AGE = env_int("LAYERCAKE_SANDBOX_MAX_AGE", 60 * 60)
 SANDBOX_CAPACITY = env_int("LAYERCAKE_SANDBOX_CAPACITY", 24)
