@@ -44,7 +44,7 @@ class SandboxTerminal {
       allowProposedApi: true,
       cursorBlink: true,
       fontFamily: '"DejaVu Sans Mono", "Menlo", "Consolas", monospace',
-      fontSize: 14,
+      fontSize: 13,
       scrollback: 5000,
       theme: { background: "#1d1f21", foreground: "#e6e6e6", cursor: "#f0c674" },
     });
