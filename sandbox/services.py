@@ -89,16 +89,27 @@ def sandbox_start(
     return sandbox
 
 
-def _set_state(sandbox: Sandbox, state: SandboxState, **fields: object) -> None:
+class LaunchCancelled(Exception):
+    """The sandbox was stopped while it was being launched."""
+
+
+def _advance(sandbox: Sandbox, state: SandboxState, **fields: object) -> bool:
+    """Move a sandbox that is still live to `state`; False if it was stopped meanwhile."""
+    updated = Sandbox.objects.filter(pk=sandbox.pk, state__in=ACTIVE_STATES).update(state=state, **fields)
+    if not updated:
+        return False
     sandbox.state = state
     for name, value in fields.items():
         setattr(sandbox, name, value)
-    sandbox.save(update_fields=["state", *fields.keys()])
     sandbox_publish(sandbox=sandbox)
+    return True
 
 
 def sandbox_launch(*, sandbox_id: int) -> None:
-    """Create and start the sandbox's container, moving it through creating and starting to ready."""
+    """Create and start the sandbox's container, moving it through creating and starting to ready.
+
+    A sandbox stopped during its launch is not revived: what the launch made is removed again.
+    """
     sandbox = Sandbox.objects.get(pk=sandbox_id)
     if sandbox.state != SandboxState.QUEUED:
         return
@@ -113,41 +124,44 @@ def sandbox_launch(*, sandbox_id: int) -> None:
     )
 
     def progress(step: str) -> None:
-        _set_state(sandbox, SandboxState(step))
+        if not _advance(sandbox, SandboxState(step)):
+            raise LaunchCancelled
 
+    backend = get_backend()
     try:
-        state = get_backend().start(spec, progress=progress)
+        state = backend.start(spec, progress=progress)
+    except LaunchCancelled:
+        return
     except EngineUnavailable:
         log.exception("engine unreachable while starting sandbox %s", sandbox_id)
-        _end(sandbox, state=SandboxState.FAILED, reason=EndReason.ENGINE_DOWN)
+        _fail(sandbox, reason=EndReason.ENGINE_DOWN)
         return
     except CapacityExhausted:
-        _end(
-            sandbox,
-            state=SandboxState.FAILED,
-            reason=EndReason.ERROR,
-            message="The host is full right now. Try again shortly.",
-        )
+        _fail(sandbox, reason=EndReason.ERROR, message="The host is full right now. Try again shortly.")
         return
     except ImageMissing:
         log.exception("sandbox %s has no image", sandbox_id)
-        _end(
-            sandbox,
-            state=SandboxState.FAILED,
-            reason=EndReason.ERROR,
-            message="This lesson's image is not installed on the host yet.",
-        )
+        _fail(sandbox, reason=EndReason.ERROR, message="This lesson's image is not installed on the host yet.")
         return
     except SandboxError:
         log.exception("sandbox %s failed to start", sandbox_id)
-        _end(sandbox, state=SandboxState.FAILED, reason=EndReason.ERROR)
+        _fail(sandbox, reason=EndReason.ERROR)
         return
-    sandbox.backend_state = state
-    _set_state(sandbox, SandboxState.READY, backend_state=state, ready_at=timezone.now())
+    if not _advance(sandbox, SandboxState.READY, backend_state=state, ready_at=timezone.now()):
+        backend.stop(state)
 
 
-def _end(sandbox: Sandbox, *, state: SandboxState, reason: EndReason, message: str = "") -> None:
-    _set_state(sandbox, state, end_reason=reason, message=message, ended_at=timezone.now())
+def _fail(sandbox: Sandbox, *, reason: EndReason, message: str = "") -> None:
+    _advance(sandbox, SandboxState.FAILED, end_reason=reason, message=message, ended_at=timezone.now())
+
+
+def _end(sandbox: Sandbox, *, reason: EndReason, message: str = "") -> None:
+    sandbox.state = SandboxState.ENDED
+    sandbox.end_reason = reason
+    sandbox.message = message
+    sandbox.ended_at = timezone.now()
+    sandbox.save(update_fields=["state", "end_reason", "message", "ended_at"])
+    sandbox_publish(sandbox=sandbox)
 
 
 def sandbox_stop(*, sandbox: Sandbox, reason: EndReason) -> Sandbox:
@@ -175,7 +189,7 @@ def sandbox_teardown(*, sandbox_id: int) -> None:
     if sandbox.state in (SandboxState.ENDED, SandboxState.FAILED):
         return
     reason = EndReason(sandbox.end_reason) if sandbox.end_reason else EndReason.STOPPED
-    _end(sandbox, state=SandboxState.ENDED, reason=reason, message=sandbox.message)
+    _end(sandbox, reason=reason, message=sandbox.message)
 
 
 def sandbox_touch(*, sandbox_id: int) -> None:

@@ -110,3 +110,46 @@ def test_reap_notices_a_vanished_container(memory_backend: type[MemoryBackend], 
     assert services.sandbox_reap().vanished == [sandbox.pk]
     sandbox.refresh_from_db()
     assert sandbox.end_reason == EndReason.VANISHED
+
+
+def test_a_sandbox_stopped_during_its_launch_is_not_revived(
+    memory_backend: type[MemoryBackend], lesson: Lesson
+) -> None:
+    sandbox = _start(lesson, launch=False)
+    original_start = memory_backend.start
+
+    def start_then_stopped(self, spec, *, progress):  # type: ignore[no-untyped-def]
+        state = original_start(self, spec, progress=progress)
+        services.sandbox_stop(sandbox=Sandbox.objects.get(pk=spec.session_id), reason=EndReason.STOPPED)
+        return state
+
+    memory_backend.start = start_then_stopped  # type: ignore[method-assign]
+    try:
+        services.sandbox_launch(sandbox_id=sandbox.pk)
+    finally:
+        memory_backend.start = original_start  # type: ignore[method-assign]
+    sandbox.refresh_from_db()
+    assert sandbox.state == SandboxState.STOPPING
+    assert memory_backend.running == {}
+
+
+def test_a_sandbox_stopped_before_its_container_starts_stops_the_launch(
+    memory_backend: type[MemoryBackend], lesson: Lesson
+) -> None:
+    sandbox = _start(lesson, launch=False)
+    services.sandbox_stop(sandbox=sandbox, reason=EndReason.STOPPED)
+    Sandbox.objects.filter(pk=sandbox.pk).update(state=SandboxState.QUEUED)
+    original_advance = services._advance
+
+    def advance_then_stop(target: Sandbox, state: SandboxState, **fields: object) -> bool:
+        if state == SandboxState.STARTING:
+            Sandbox.objects.filter(pk=target.pk).update(state=SandboxState.STOPPING)
+        return original_advance(target, state, **fields)
+
+    services._advance = advance_then_stop  # type: ignore[assignment]
+    try:
+        services.sandbox_launch(sandbox_id=sandbox.pk)
+    finally:
+        services._advance = original_advance  # type: ignore[assignment]
+    assert memory_backend.running == {}
+    assert Sandbox.objects.get(pk=sandbox.pk).state == SandboxState.STOPPING
