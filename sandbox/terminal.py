@@ -19,6 +19,8 @@ from .backends.base import TerminalStream
 
 log = logging.getLogger(__name__)
 
+FORM_FEED = b"\x0c"
+
 
 class Viewer(Protocol):
     """A browser connected to the terminal."""
@@ -58,6 +60,12 @@ class ReplayBuffer:
     def everything(self) -> bytes:
         return bytes(self._data)
 
+    def rebase(self, offset: int) -> None:
+        """Number an empty buffer's output from `offset`: a new relay continuing a browser's screen."""
+        if self._data or self.start:
+            raise ValueError("only an empty buffer can be rebased")
+        self.start = offset
+
 
 class TerminalRelay:
     def __init__(
@@ -79,6 +87,7 @@ class TerminalRelay:
         self._can_send = asyncio.Event()
         self._can_send.set()
         self._task: asyncio.Task[None] | None = None
+        self._greeted = False
         self.closed = False
 
     def start(self) -> None:
@@ -139,6 +148,10 @@ class TerminalRelay:
         if previous is not None and previous is not viewer:
             with contextlib.suppress(Exception):
                 await previous.detached(reason="elsewhere")
+        if has_screen and not self._greeted and self._buffer.end == 0:
+            # This process has not seen the shell yet (the web server restarted): the browser's screen is
+            # the best there is, so carry on from it.
+            self._buffer.rebase(offset)
         missed = self._buffer.since(offset) if has_screen else None
         if missed is not None:
             self._acked = offset
@@ -148,6 +161,10 @@ class TerminalRelay:
             self._acked = self._buffer.start
             await viewer.send_replay(offset=self._buffer.start, data=self._buffer.everything())
         self._update_window()
+        if not self._greeted:
+            # Lets a new sandbox's shell start (see the backend contract); a running program redraws.
+            self._greeted = True
+            await self._stream.write(FORM_FEED)
 
     def detach(self, viewer: Viewer) -> None:
         self._drop(viewer)
@@ -194,9 +211,7 @@ async def terminal_relay(
         relay = _relays.get(sandbox_id)
         if relay is not None and not relay.closed:
             return relay
-        # A relay that is new to this process asks the engine for the output the shell already wrote: its
-        # first prompt, or the screen from before the web process restarted.
-        stream = await get_backend().open_terminal(backend_state, replay=True)
+        stream = await get_backend().open_terminal(backend_state)
         relay = TerminalRelay(
             sandbox_id=sandbox_id,
             stream=stream,

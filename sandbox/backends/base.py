@@ -91,5 +91,9 @@ class SandboxBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def open_terminal(self, state: dict[str, Any], *, replay: bool) -> TerminalStream:
-        """Attach to the sandbox's shell. With `replay`, output the shell made before is sent first."""
+    async def open_terminal(self, state: dict[str, Any]) -> TerminalStream:
+        """Attach to the sandbox's shell.
+
+        The first byte written to a sandbox's terminal lets its shell start, so nothing it prints is lost
+        before anyone attaches; the relay writes a form feed, which also makes an attached program redraw.
+        """

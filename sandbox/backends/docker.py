@@ -39,11 +39,15 @@ NAMESPACE = "layercake.namespace"
 # An image labelled so is a workstation: its docker CLI talks to the session's gateway socket.
 WORKSTATION_LABEL = "layercake.workstation"
 GATEWAY_MOUNT = "/run/layercake"
+READ_BATCH_BYTES = 64 * 1024
 # What a root shell needs to work on its own files; everything else is dropped.
 ROOT_SHELL_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"]
-# Output kept by the engine for a terminal that attaches after the shell has already written (its prompt),
-# or after the web process restarted. The terminal's own replay buffer covers the rest.
-LOG_CONFIG = {"Type": "local", "Config": {"max-size": "1m", "max-file": "1", "compress": "false"}}
+# The engine keeps no log of a sandbox's TTY: its log copier costs a cut per line (a `yes` flood runs at a
+# quarter of the speed), and the relay keeps what a browser needs. So that nothing the shell prints is lost
+# before the terminal attaches (the prompt, the workstation's welcome), the shell waits behind a gate until
+# the terminal's first byte, which the gate swallows unechoed.
+LOG_CONFIG = {"Type": "none", "Config": {}}
+SHELL_GATE = 'stty -echo -icanon min 1 2>/dev/null; head -c 1 >/dev/null; stty echo icanon 2>/dev/null; exec "$@"'
 
 
 # Every sandbox network's bridge on the host is named with this prefix, so one host firewall rule (which
@@ -149,7 +153,17 @@ class DockerBackend(SandboxBackend):
         seconds_left = max(1, spec.expires_at - int(time.time()))
         # The timer inside the container ends it at its expiry even when no worker is left to do so;
         # AutoRemove then removes it.
-        entrypoint = ["timeout", "-s", "KILL", str(seconds_left), *(image.get("Entrypoint") or [])]
+        entrypoint = [
+            "timeout",
+            "-s",
+            "KILL",
+            str(seconds_left),
+            "sh",
+            "-c",
+            SHELL_GATE,
+            "layercake-gate",
+            *(image.get("Entrypoint") or []),
+        ]
         command = image.get("Cmd") or ["sh"]
         binds = []
         if gateway:
@@ -264,9 +278,9 @@ class DockerBackend(SandboxBackend):
                     raise
         return removed
 
-    async def open_terminal(self, state: dict[str, Any], *, replay: bool) -> "DockerTerminal":
+    async def open_terminal(self, state: dict[str, Any]) -> "DockerTerminal":
         terminal = DockerTerminal(state["container"])
-        await terminal.open(replay=replay)
+        await terminal.open()
         return terminal
 
 
@@ -286,12 +300,12 @@ class DockerTerminal:
         self._stream: Any = None
         self._container: Any = None
 
-    async def open(self, *, replay: bool) -> None:
+    async def open(self) -> None:
         url = settings.SANDBOX_DOCKER_URL
         self._docker = aiodocker.Docker(url=url)
         try:
             self._container = await self._docker.containers.get(self._container_name)
-            self._stream = self._container.attach(stdin=True, stdout=True, stderr=True, logs=replay)
+            self._stream = self._container.attach(stdin=True, stdout=True, stderr=True)
             await self._stream._init()
         except aiodocker.DockerError as exc:
             await self.close()
@@ -304,7 +318,18 @@ class DockerTerminal:
 
     async def read(self) -> bytes | None:
         message = await self._stream.read_out()
-        return None if message is None else bytes(message.data)
+        if message is None:
+            return None
+        data = bytearray(message.data)
+        # Under a flood the engine delivers many small chunks; what has already arrived goes out as one
+        # frame. aiodocker keeps arrived chunks in an aiohttp DataQueue, whose length is public API.
+        queue = getattr(self._stream, "_queue", None)
+        while queue is not None and len(queue) and len(data) < READ_BATCH_BYTES:
+            more = await self._stream.read_out()
+            if more is None:
+                break
+            data += more.data
+        return bytes(data)
 
     async def write(self, data: bytes) -> None:
         await self._stream.write_in(data)

@@ -30,5 +30,5 @@ class MemoryBackend(SandboxBackend):
                 del self.running[key]
         return gone
 
-    async def open_terminal(self, state: dict[str, Any], *, replay: bool) -> TerminalStream:
+    async def open_terminal(self, state: dict[str, Any]) -> TerminalStream:
         raise NotImplementedError
