@@ -1,0 +1,27 @@
+"""The project's own code stays ruff- and mypy-clean, checked with the configuration in pyproject.toml."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_ruff_lint_and_format_are_clean() -> None:
+    lint = _run(str(BIN / "ruff"), "check", ".")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    form = _run(str(BIN / "ruff"), "format", "--check", ".")
+    assert form.returncode == 0, form.stdout + form.stderr
+
+
+@pytest.mark.slow
+def test_mypy_is_clean() -> None:
+    result = _run(str(BIN / "mypy"), "tutorial", "lessons", "sandbox", "bench", "tests", "conftest.py")
+    assert result.returncode == 0, result.stdout + result.stderr
