@@ -76,6 +76,7 @@ def gateway_session_close(*, session_id: int) -> None:
     client = _redis()
     try:
         client.hdel(config.sessions_key, str(session_id))
+        client.delete(config.ports_key(session_id))
         client.publish(config.control_channel, json.dumps({"op": "close", "session_id": session_id}))
     finally:
         client.close()
@@ -91,19 +92,20 @@ def _gone(exc: docker.errors.APIError) -> bool:
 
 
 def gateway_session_purge(*, session_id: int) -> None:
-    """Remove everything the session's student created: containers, their images and tags, volumes.
-    Idempotent: what is already gone (404/409) is skipped."""
+    """Remove everything the session's student created: containers (and the gateway's forwarders of their
+    ports), their images and tags, volumes. Idempotent: what is already gone (404/409) is skipped."""
     config = gateway_config()
     api = docker.APIClient(base_url=f"unix://{config.engine_socket}", timeout=60)
     mine = [f"layercake.session={session_id}", f"layercake.namespace={config.namespace}"]
     prefix = f"{config.namespace}-s{session_id}"
     try:
-        for container in api.containers(all=True, filters={"label": [*mine, "layercake.role=student"]}):
-            try:
-                api.remove_container(container["Id"], force=True, v=True)
-            except docker.errors.APIError as exc:
-                if not _gone(exc):
-                    raise
+        for role in ("student", "port-forwarder"):
+            for container in api.containers(all=True, filters={"label": [*mine, f"layercake.role={role}"]}):
+                try:
+                    api.remove_container(container["Id"], force=True, v=True)
+                except docker.errors.APIError as exc:
+                    if not _gone(exc):
+                        raise
         for image in api.images():
             for tag in image.get("RepoTags") or []:
                 if tag.startswith((f"{prefix}/", f"{prefix}-r/")):

@@ -24,6 +24,7 @@ class GatewayConfig:
     container_pids_max: int
     restart_retries_max: int
     shm_max_mb: int
+    forwarder_image: str = ""
 
     @property
     def sessions_key(self) -> str:
@@ -45,6 +46,13 @@ class GatewayConfig:
     def session_network(self, session_id: int) -> str:
         return f"{self.namespace}-sb-{session_id}"
 
+    def workstation_name(self, session_id: int) -> str:
+        """The launcher names the workstation container as it names the session network."""
+        return f"{self.namespace}-sb-{session_id}"
+
+    def ports_key(self, session_id: int) -> str:
+        return f"{self.namespace}:gateway:ports:{session_id}"
+
 
 def gateway_config() -> GatewayConfig:
     docker_url = str(getattr(settings, "SANDBOX_DOCKER_URL", "unix:///var/run/docker.sock"))
@@ -64,4 +72,6 @@ def gateway_config() -> GatewayConfig:
         container_pids_max=int(getattr(settings, "GATEWAY_CONTAINER_PIDS_MAX", 128)),
         restart_retries_max=int(getattr(settings, "GATEWAY_RESTART_RETRIES_MAX", 5)),
         shm_max_mb=int(getattr(settings, "GATEWAY_SHM_MAX_MB", 64)),
+        # Empty: the forwarders run the workstation's own image, which has socat.
+        forwarder_image=str(getattr(settings, "GATEWAY_FORWARDER_IMAGE", "")),
     )

@@ -18,7 +18,8 @@ that the feature is not available in the sandbox. For the endpoints that exist:
   are limited to "no" and "on-failure" with a capped retry count.
 * Networking: a container joins the session's own internal network with its name as an alias, or none.
   Published ports are never bound on the host: they are recorded in a label, shown by ps and inspect as
-  docker shows them, and served inside the session (see `ports.py`).
+  docker shows them, and served inside the session (see `ports.py`): at most 8 per container, TCP only,
+  each host port held by one running container at a time.
 * Builds: classic builder only, no remote context, no host network (RUN steps get no network), no pull,
   no cgroup parent, limits forced; the Dockerfile's FROM and COPY --from images are resolved as the student
   sees them (their own or curated), ADD of URLs and ONBUILD are refused, and variables in FROM or ADD
@@ -42,6 +43,8 @@ FORCED_CAP_DROP = ["AUDIT_WRITE", "MKNOD", "NET_RAW", "SETFCAP"]
 NO_NEW_PRIVILEGES = "no-new-privileges:true"
 LOG_CONFIG = {"Type": "local", "Config": {"max-size": "1m", "max-file": "1", "compress": "false"}}
 MB = 1024 * 1024
+# Each published port is a listener in the workstation (see ports.py); a handful is all a lesson needs.
+MAX_PUBLISHED_PORTS = 8
 
 
 class Refused(HttpError):
@@ -457,6 +460,8 @@ def _port_bindings(raw: Any) -> list[PortBinding]:
     hosts = [port.host_port for port in ports]
     if len(hosts) != len(set(hosts)):
         raise HttpError(400, "the same host port is published twice")
+    if len(ports) > MAX_PUBLISHED_PORTS:
+        raise Refused(f"a container in the sandbox may publish at most {MAX_PUBLISHED_PORTS} ports")
     return ports
 
 

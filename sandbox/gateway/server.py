@@ -3,7 +3,9 @@
 Sessions come from the Redis registry (`registry.py`): all of them when the process starts, each new one
 when a notice arrives, and any drift every few seconds. A restarted gateway therefore recreates every
 session's socket in the directory the workstation already has mounted, and the student's next docker
-command works in the same shell.
+command works in the same shell. Published ports (`ports.py`) are synced when a session is served, on the
+engine's container events, whenever the event stream (re)connects, and every minute; they outlive a
+restart of the gateway and go only when their session closes.
 """
 
 import asyncio
@@ -19,8 +21,9 @@ from .config import GatewayConfig
 from .engine import Engine
 from .events import EventPublisher
 from .http import EngineStream
+from .ports import SYNC_SECONDS, PortForwards
 from .registry import SessionRecord
-from .session import IMAGE_LABEL, NAMESPACE, ROLE, SESSION, StudentGateway
+from .session import IMAGE_LABEL, NAMESPACE, PORTS_LABEL, ROLE, SESSION, StudentGateway
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ CONTAINER_EVENTS = {
     "pause": "container.paused",
     "unpause": "container.unpaused",
 }
+PORTS_EVENTS = {"container.started", "container.stopped", "container.removed"}
 
 
 class SessionServer:
@@ -49,6 +53,7 @@ class Gateway:
         self.engine = Engine(config.engine_socket)
         self.redis: aioredis.Redis = aioredis.Redis.from_url(config.redis_url)
         self.events = EventPublisher(redis=self.redis, namespace=config.namespace)
+        self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis)
         self.sessions: dict[int, SessionServer] = {}
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -59,6 +64,7 @@ class Gateway:
             asyncio.create_task(self._control()),
             asyncio.create_task(self._reconcile_forever()),
             asyncio.create_task(self._watch_engine_events()),
+            asyncio.create_task(self._sync_ports_forever()),
         ]
         try:
             await stop.wait()
@@ -66,6 +72,7 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.ports.shutdown()
             for session_id in list(self.sessions):
                 await self.close_session(session_id, remove_dir=False)
             await self.redis.aclose()
@@ -134,7 +141,9 @@ class Gateway:
             path = self.config.session_socket(record.session_id)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            gateway = StudentGateway(record=record, config=self.config, engine=self.engine, events=self.events)
+            gateway = StudentGateway(
+                record=record, config=self.config, engine=self.engine, events=self.events, ports=self.ports
+            )
             holder: SessionServer | None = None
 
             async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -156,6 +165,7 @@ class Gateway:
             holder = SessionServer(gateway, server, path)
             self.sessions[record.session_id] = holder
             log.info("session %s: serving %s", record.session_id, path)
+            self.ports.request_sync(record)
 
     async def close_session(self, session_id: int, *, remove_dir: bool = True) -> None:
         async with self._lock:
@@ -170,6 +180,10 @@ class Gateway:
             await asyncio.gather(*holder.connections, return_exceptions=True)
         path = self.config.session_socket(session_id)
         if remove_dir:
+            try:
+                await self.ports.close(session_id)
+            except Exception:
+                log.warning("session %s: could not remove its port forwarders", session_id, exc_info=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             with contextlib.suppress(OSError):
@@ -189,6 +203,8 @@ class Gateway:
                 head = await stream.head()
                 if head.status != 200:
                     raise ConnectionError(f"engine events answered {head.status}")
+                # Whatever happened while the stream was down is caught up with now.
+                self._sync_all_ports()
                 pending = b""
                 async for chunk in stream.chunks():
                     pending += chunk
@@ -205,6 +221,15 @@ class Gateway:
                     stream.close()
             await asyncio.sleep(1)
 
+    def _sync_all_ports(self) -> None:
+        for holder in list(self.sessions.values()):
+            self.ports.request_sync(holder.gateway.record)
+
+    async def _sync_ports_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_SECONDS)
+            self._sync_all_ports()
+
     async def _publish_container_event(self, line: bytes) -> None:
         try:
             event = json.loads(line)
@@ -213,6 +238,9 @@ class Gateway:
             kind = CONTAINER_EVENTS[event["Action"].split(":")[0]]
         except (ValueError, KeyError, TypeError):
             return
+        holder = self.sessions.get(session_id)
+        if holder is not None and attributes.get(PORTS_LABEL) and kind in PORTS_EVENTS:
+            self.ports.request_sync(holder.gateway.record)
         prefix = f"{self.config.namespace}-s{session_id}-"
         fields = {
             "id": event["Actor"].get("ID", ""),

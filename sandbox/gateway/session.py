@@ -2,7 +2,9 @@
 
 Ownership is read from the engine itself on every request (labels and name prefixes), so the gateway keeps
 no state that a restart could lose. A container, image, volume, network or exec instance that is not the
-student's answers exactly as docker answers for one that does not exist.
+student's answers exactly as docker answers for one that does not exist. The session's other containers
+(the workstation the launcher made, the gateway's port forwarders) carry the session's label too, so a
+container is the student's only if it also carries the role "student".
 """
 
 import asyncio
@@ -13,7 +15,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
@@ -22,6 +24,9 @@ from .events import EventPublisher
 from .http import ClientGone, EngineStream, HttpError, Request, ServerSide
 from .names import HEX_RE, BadReference, Namer, Reference, is_student_repo_tag, parse_reference, split_repo_tag
 from .registry import SessionRecord
+
+if TYPE_CHECKING:
+    from .ports import PortForwards
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,11 @@ def not_found_volume(ref: str) -> HttpError:
 
 def not_found_network(ref: str) -> HttpError:
     return HttpError(404, f"network {ref} not found")
+
+
+def publishes(container: dict[str, Any]) -> bool:
+    """Whether a container (as the engine lists it) has published ports."""
+    return bool(policy.parse_ports_label((container.get("Labels") or {}).get(PORTS_LABEL, "")))
 
 
 def strip_labels(labels: dict[str, str] | None) -> dict[str, str]:
@@ -152,12 +162,19 @@ DENIED = [
 
 class StudentGateway:
     def __init__(
-        self, *, record: SessionRecord, config: GatewayConfig, engine: Engine, events: EventPublisher
+        self,
+        *,
+        record: SessionRecord,
+        config: GatewayConfig,
+        engine: Engine,
+        events: EventPublisher,
+        ports: "PortForwards | None" = None,
     ) -> None:
         self.record = record
         self.config = config
         self.engine = engine
         self.events = events
+        self.ports = ports
         self.namer = Namer(namespace=config.namespace, session_id=record.session_id)
         self.network = config.session_network(record.session_id)
         budget = record.memory_budget_mb * MB
@@ -342,6 +359,13 @@ class StudentGateway:
             filters.setdefault(key, []).extend(values)
         return json.dumps(filters)
 
+    def _containers_filter(self, extra: dict[str, list[str]] | None = None) -> str:
+        """The student's containers: never the workstation or a forwarder, which share the session label."""
+        merged: dict[str, list[str]] = {"label": [f"{ROLE}=student"]}
+        for key, values in (extra or {}).items():
+            merged.setdefault(key, []).extend(values)
+        return self._own_filter(merged)
+
     def _student_filters(self, request: Request, allowed: set[str]) -> dict[str, list[str]]:
         raw = request.arg("filters")
         if not raw:
@@ -407,7 +431,7 @@ class StudentGateway:
 
     async def own_containers(self, *, extra: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
         result = await self.engine.json(
-            "GET", "/containers/json", query={"all": "1", "filters": self._own_filter(extra)}
+            "GET", "/containers/json", query={"all": "1", "filters": self._containers_filter(extra)}
         )
         return list(result or [])
 
@@ -567,6 +591,8 @@ class StudentGateway:
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
         if attributes.get(SESSION) != str(self.record.session_id):
             return None
+        if event.get("Type") == "container" and attributes.get(ROLE) != "student":
+            return None
         if attributes.get(IMAGE_LABEL) and "image" in attributes:
             attributes["image"] = attributes[IMAGE_LABEL]
             if "from" in event:
@@ -608,7 +634,7 @@ class StudentGateway:
                 extra[key] = [(await self.resolve_container(ref))["Id"] for ref in wanted[key]]
         if "volume" in wanted:
             extra["volume"] = [self.namer.volume(v) if "/" not in v else v for v in wanted["volume"]]
-        query = {"filters": self._own_filter(extra)}
+        query = {"filters": self._containers_filter(extra)}
         if request.flag("all"):
             query["all"] = "1"
         if request.flag("size"):
@@ -624,7 +650,7 @@ class StudentGateway:
         await side.respond(200, self.namer.unmask(json.dumps(views)).encode() + b"\n")
 
     async def _own_memory(self, *, exclude: str = "") -> int:
-        containers = await self.own_containers(extra={"label": [f"{ROLE}=student"]})
+        containers = await self.own_containers()
         details = await asyncio.gather(
             *(self.engine.json("GET", f"/containers/{c['Id']}/json") for c in containers if c["Id"] != exclude),
             return_exceptions=True,
@@ -644,7 +670,7 @@ class StudentGateway:
         else:
             name, engine_name = await self._random_name()
         image = await self.resolve_image(plan.image)
-        containers = await self.own_containers(extra={"label": [f"{ROLE}=student"]})
+        containers = await self.own_containers()
         if len(containers) >= self.record.max_containers:
             raise policy.Refused(
                 f"your sandbox may hold at most {self.record.max_containers} containers; remove some with "
@@ -669,8 +695,10 @@ class StudentGateway:
         config = dict(plan.config)
         config["Image"] = self._engine_image_ref(image, plan.image)
         labels = {**config.pop("Labels"), **self._labels("student"), IMAGE_LABEL: plan.image}
+        # Always set, if only to nothing: a committed image carries its container's labels, and a container
+        # made from it must not inherit the ports its ancestor published.
+        labels[PORTS_LABEL] = policy.ports_label(plan.ports)
         if plan.ports:
-            labels[PORTS_LABEL] = policy.ports_label(plan.ports)
             exposed = dict(config.get("ExposedPorts") or {})
             for port in plan.ports:
                 exposed.setdefault(port.key, {})
@@ -779,10 +807,40 @@ class StudentGateway:
         container = await self.resolve_container(ref)
         keep = {"stop": ("t",), "restart": ("t",), "kill": ("signal",), "start": ("detachKeys",)}.get(action, ())
         query = [(k, v) for k, v in request.query if k in keep]
-        response = await self.engine.call("POST", f"/containers/{container['Id']}/{action}", query=query)
+        path = f"/containers/{container['Id']}/{action}"
+        if self.ports is not None and publishes(container) and action != "pause":
+            # Checked and started under the session's lock, and forwarded (or not) before docker hears back,
+            # so that `docker run -d -p 8080:80 ...; curl localhost:8080` works as on the student's machine.
+            async with self.ports.lock(self.record.session_id):
+                if action in ("start", "restart"):
+                    try:
+                        await self.ports.check_start(self.record, container, self.namer)
+                    except HttpError:
+                        await self._remove_if_auto(container["Id"])
+                        raise
+                response = await self.engine.call("POST", path, query=query)
+                if response.status < 300:
+                    await self._sync_ports()
+        else:
+            response = await self.engine.call("POST", path, query=query)
         if response.status == 404:
             raise not_found_container(ref)
         await self._respond_engine(side, response)
+
+    async def _remove_if_auto(self, container_id: str) -> None:
+        """A --rm container that cannot start is removed, as the engine removes it (the CLI waits for that)."""
+        detail = await self.engine.json("GET", f"/containers/{container_id}/json")
+        if (detail.get("HostConfig") or {}).get("AutoRemove"):
+            await self.engine.call("DELETE", f"/containers/{container_id}", query={"force": "1", "v": "1"})
+
+    async def _sync_ports(self) -> None:
+        """With the session's port lock held."""
+        assert self.ports is not None
+        try:
+            await self.ports.sync_locked(self.record)
+        except Exception:
+            log.warning("session %s: could not sync published ports", self.record.session_id, exc_info=True)
+            self.ports.request_sync(self.record)
 
     async def container_resize(self, side: ServerSide, request: Request, ref: str) -> None:
         container = await self.resolve_container(ref)
@@ -818,14 +876,21 @@ class StudentGateway:
             raise policy.not_available("docker rm --link")
         container = await self.resolve_container(ref)
         query = {"v": "1", "force": "1" if request.flag("force") else "0"}
-        response = await self.engine.call("DELETE", f"/containers/{container['Id']}", query=query)
+        path = f"/containers/{container['Id']}"
+        if self.ports is not None and publishes(container):
+            async with self.ports.lock(self.record.session_id):
+                response = await self.engine.call("DELETE", path, query=query)
+                if response.status < 300:
+                    await self._sync_ports()
+        else:
+            response = await self.engine.call("DELETE", path, query=query)
         if response.status == 404:
             raise not_found_container(ref)
         await self._respond_engine(side, response)
 
     async def container_prune(self, side: ServerSide, request: Request) -> None:
         wanted = self._student_filters(request, {"until", "label"})
-        filters = json.loads(self._own_filter({"label": [f"{ROLE}=student"], **wanted}))
+        filters = json.loads(self._containers_filter(wanted))
         response = await self.engine.call("POST", "/containers/prune", query={"filters": json.dumps(filters)})
         await self._respond_engine(side, response)
 

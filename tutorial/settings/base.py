@@ -156,3 +156,6 @@ GATEWAY_CONTAINER_CPU_MILLI = env_int("LAYERCAKE_GATEWAY_CONTAINER_CPU_MILLI", 5
 GATEWAY_CONTAINER_PIDS_MAX = env_int("LAYERCAKE_GATEWAY_CONTAINER_PIDS_MAX", 128)
 GATEWAY_RESTART_RETRIES_MAX = env_int("LAYERCAKE_GATEWAY_RESTART_RETRIES_MAX", 5)
 GATEWAY_SHM_MAX_MB = env_int("LAYERCAKE_GATEWAY_SHM_MAX_MB", 64)
+# The image of the small containers that carry a student's published ports into their workstation (it needs
+# socat); the workstation's own image by default.
+GATEWAY_FORWARDER_IMAGE = env_str("LAYERCAKE_GATEWAY_FORWARDER_IMAGE", "layercake/workstation:latest")

@@ -2,6 +2,7 @@
 the real engine, a raw HTTP client for the session's socket, and the workstation's docker CLI."""
 
 import http.client
+import http.server
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -376,3 +378,158 @@ def workstation_factory(engine: docker.APIClient) -> Iterator[Any]:
         except docker.errors.APIError as exc:
             if exc.status_code not in (404, 409):
                 raise
+
+
+# Sandboxes as the launcher makes them: the session network with its named bridge (so the host firewall rule
+# applies), the workstation container, and the gateway session, all through `DockerBackend.start`.
+
+LAUNCHER_IDS = (100_000_000, 250_000_000)  # bridge names hold at most 7 hex digits of the session id
+
+
+@dataclass
+class LiveSandbox:
+    session_id: int
+    owner_key: str
+    state: dict[str, Any]
+    workstation: Workstation
+    engine: docker.APIClient
+
+    @property
+    def network(self) -> str:
+        return str(self.state["network"])
+
+    @property
+    def socket(self) -> Path:
+        return Path(settings.GATEWAY_DIR) / str(self.session_id) / "docker.sock"
+
+    def host_address(self) -> str:
+        """This machine's address on the session's bridge."""
+        return str(self.engine.inspect_network(self.network)["IPAM"]["Config"][0]["Gateway"]).split("/")[0]
+
+    def address_of(self, container: str) -> str:
+        """A container's address on the session network (container given by its engine name or id)."""
+        networks = self.engine.inspect_container(container)["NetworkSettings"]["Networks"]
+        return str(networks[self.network]["IPAddress"])
+
+    def engine_name(self, student_name: str) -> str:
+        return f"{settings.SANDBOX_NAMESPACE}-s{self.session_id}-{student_name}"
+
+
+class SandboxLauncher:
+    """Starts workstation sandboxes with the real launcher; `cleanup` removes everything of their sessions."""
+
+    def __init__(self, engine: docker.APIClient) -> None:
+        from sandbox.backends.docker import DockerBackend
+
+        try:
+            engine.inspect_image(WORKSTATION_IMAGE)
+        except docker.errors.ImageNotFound:
+            pytest.skip(f"{WORKSTATION_IMAGE} is not built yet (it is built by the curated images' build)")
+        self.engine = engine
+        self.backend = DockerBackend()
+        self.started: list[tuple[int, dict[str, Any]]] = []
+
+    def start(self, *, owner_key: str = "") -> LiveSandbox:
+        from sandbox.backends.base import SandboxSpec
+
+        session_id = LAUNCHER_IDS[0] + secrets.randbelow(LAUNCHER_IDS[1] - LAUNCHER_IDS[0])
+        owner_key = owner_key or f"owner-{session_id}"
+        spec = SandboxSpec(
+            session_id=session_id,
+            owner_key=owner_key,
+            image=WORKSTATION_IMAGE,
+            expires_at=int(time.time()) + 900,
+            memory_mb=256,
+            cpu_milli=500,
+            pids_limit=256,
+            labels={"layercake.test": "gateway"},
+        )
+        name = f"{settings.SANDBOX_NAMESPACE}-sb-{session_id}"
+        self.started.append((session_id, {"container": name, "network": name, "gateway": True}))
+        state = self.backend.start(spec, progress=lambda step: None)
+        self.started[-1] = (session_id, state)
+        sandbox = LiveSandbox(
+            session_id=session_id,
+            owner_key=owner_key,
+            state=state,
+            workstation=Workstation(self.engine, str(state["container_id"])),
+            engine=self.engine,
+        )
+        _wait_for_socket(sandbox.socket)
+        exec_id = self.engine.exec_create(state["container_id"], ["mkdir", "-p", "/tmp/work"], user="1000")["Id"]
+        self.engine.exec_start(exec_id)
+        return sandbox
+
+    def cleanup(self) -> None:
+        """The launcher's own teardown, then whatever still carries a session's labels (even if it failed)."""
+        errors: list[Exception] = []
+        for session_id, state in self.started:
+            try:
+                self.backend.stop(state)
+            except Exception as exc:
+                errors.append(exc)
+            mine = {
+                "label": [f"layercake.session={session_id}", f"layercake.namespace={settings.SANDBOX_NAMESPACE}"]
+            }
+            for container in self.engine.containers(all=True, filters=mine):
+                _remove_quietly(self.engine.remove_container, container["Id"], force=True, v=True)
+            for network in self.engine.networks(filters=mine):
+                _remove_quietly(self.engine.remove_network, network["Id"])
+        self.started.clear()
+        if errors:
+            raise errors[0]
+
+
+def _remove_quietly(remove: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        remove(*args, **kwargs)
+    except docker.errors.APIError as exc:
+        if exc.status_code not in (404, 409):
+            raise
+
+
+@pytest.fixture
+def sandbox_factory(gateway_process: GatewayProcess, engine: docker.APIClient) -> Iterator[Any]:
+    """`sandbox_factory(owner_key=...)` starts a sandbox as the launcher does; all are removed afterwards."""
+    launcher = SandboxLauncher(engine)
+    yield launcher.start
+    launcher.cleanup()
+
+
+class TokenServer:
+    """A tiny web app on this machine that answers with a token and remembers who asked."""
+
+    def __init__(self, address: str) -> None:
+        self.token = f"host-app-{secrets.token_hex(6)}"
+        self.clients: list[str] = []
+        token, clients = self.token, self.clients
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                clients.append(self.client_address[0])
+                body = token.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((address, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def get(self, address: str) -> str:
+        with socket.create_connection((address, self.port), timeout=3) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: probe\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        return data.partition(b"\r\n\r\n")[2].decode()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)

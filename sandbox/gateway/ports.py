@@ -1,0 +1,386 @@
+"""Published ports, served inside the session and never on the host.
+
+The policy records `docker run -p 8080:80` in the container's `layercake.ports` label, and ps and inspect
+show it as docker does. While such a container runs, the gateway keeps a *forwarder* for it: a small
+container that joins the workstation's network namespace (`--network container:<workstation>`), listens on
+127.0.0.1:8080 there, which is where the student's `curl localhost:8080` looks, and relays each connection
+with socat to the container's address on the session network. The forwarder runs as nobody, with no
+capabilities, a read-only root and small limits, and reaches only what the workstation already reaches.
+
+Everything lives on the engine. A forwarder carries the session's labels plus the container it serves, that
+container's address, its ports, and the workstation it joined. `PortForwards.sync` compares the forwarders
+with what should run and removes or creates the difference. It runs when a container with ports is started
+through the gateway (before `docker start` answers, so the port is ready when `docker run -d` returns), on
+the engine's start, die and destroy events, when a session is served (so a restarted gateway takes up where
+it was), and every minute. A forwarder whose socat exits (a listener in the student's shell holds the port)
+stays exited until its container starts again; nothing retries in a loop.
+
+A host port belongs to one running container. Starting a second that asks for it fails as docker fails
+("port is already allocated"); if the engine itself restarts one (a restart policy), the container that held
+the port keeps it.
+
+The session's ports are written to Redis as JSON under `<namespace>:gateway:ports:<session_id>`
+({"ports": [{"port", "container_port", "proto", "container", "address"}, ...]}) for the site, which lists
+them on the lesson page and proxies HTTP to them (`sandbox/ports.py`). The key goes when the session closes.
+"""
+
+import asyncio
+import json
+import logging
+import shlex
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from . import policy
+from .config import GatewayConfig
+from .engine import Engine, EngineError, q
+from .http import HttpError
+from .names import Namer
+from .registry import SessionRecord
+from .session import EXPIRES, MANAGED, NAMESPACE, OWNER, PORTS_LABEL, ROLE, SESSION, publishes
+
+log = logging.getLogger(__name__)
+
+FORWARDER_ROLE = "port-forwarder"
+TARGET = "layercake.forward.target"
+ADDRESS = "layercake.forward.address"
+WORKSTATION = "layercake.forward.workstation"
+FORWARDER_USER = "65534:65534"
+FORWARDER_MEMORY = 32 * 1024 * 1024
+FORWARDER_PIDS = 96
+FORWARDER_NANO_CPUS = 250_000_000
+# Connections one listener relays at once; each is a socat child process in the forwarder.
+FORWARDER_CHILDREN = 32
+SYNC_SECONDS = 60.0
+LOG_CONFIG = {"Type": "local", "Config": {"max-size": "256k", "max-file": "1", "compress": "false"}}
+
+
+@dataclass(frozen=True)
+class Published:
+    """A running container's published ports as the session serves them."""
+
+    container_id: str
+    name: str
+    address: str
+    started_at: str
+    ports: tuple[policy.PortBinding, ...]
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "port": port.host_port,
+                "container_port": port.container_port,
+                "proto": port.proto,
+                "container": self.name,
+                "address": self.address,
+            }
+            for port in self.ports
+        ]
+
+
+@dataclass(frozen=True)
+class WorkstationInfo:
+    id: str
+    image: str
+    started_at: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}@{self.started_at}"
+
+
+def _labels(detail: dict[str, Any]) -> dict[str, str]:
+    return dict((detail.get("Config") or {}).get("Labels") or {})
+
+
+def port_allocated(*, name: str, container_id: str, port: int) -> HttpError:
+    return HttpError(
+        500,
+        f"driver failed programming external connectivity on endpoint {name} ({container_id}): "
+        f"Bind for 0.0.0.0:{port} failed: port is already allocated",
+    )
+
+
+def forwarder_script(published: Published) -> str:
+    lines = []
+    for port in published.ports:
+        listen = f"TCP-LISTEN:{port.host_port},bind=127.0.0.1,reuseaddr,fork,max-children={FORWARDER_CHILDREN}"
+        target = f"TCP:{published.address}:{port.container_port},connect-timeout=5"
+        lines.append(f"socat {shlex.quote(listen)} {shlex.quote(target)} &")
+    lines.append("wait")
+    return "\n".join(lines)
+
+
+class PortForwards:
+    def __init__(self, *, engine: Engine, config: GatewayConfig, redis: aioredis.Redis) -> None:
+        self.engine = engine
+        self.config = config
+        self.redis = redis
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._records: dict[int, SessionRecord] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._again: set[int] = set()
+
+    def lock(self, session_id: int) -> asyncio.Lock:
+        """Held around a start that publishes ports and around every sync of the session."""
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+    # What the gateway calls.
+
+    async def check_start(self, record: SessionRecord, container: dict[str, Any], namer: Namer) -> None:
+        """Refuse to start a container whose host port another running container of the session holds.
+        Call it with the session's lock held, and start the container before letting go."""
+        wanted = policy.parse_ports_label((container.get("Labels") or {}).get(PORTS_LABEL, ""))
+        if not wanted:
+            return
+        taken = {
+            port.host_port
+            for other in await self._running_with_ports(record.session_id)
+            if other["Id"] != container["Id"]
+            for port in policy.parse_ports_label(_labels(other).get(PORTS_LABEL, ""))
+        }
+        for port in wanted:
+            if port.host_port in taken:
+                name = namer.plain((container.get("Names") or ["/"])[0]).lstrip("/")
+                raise port_allocated(name=name, container_id=container["Id"], port=port.host_port)
+
+    def request_sync(self, record: SessionRecord) -> None:
+        """Sync the session soon, in the background; requests made meanwhile coalesce into one more run."""
+        session_id = record.session_id
+        self._records[session_id] = record
+        task = self._tasks.get(session_id)
+        if task is not None and not task.done():
+            self._again.add(session_id)
+            return
+        self._tasks[session_id] = asyncio.create_task(self._sync_soon(session_id))
+
+    async def sync(self, record: SessionRecord) -> list[Published]:
+        async with self.lock(record.session_id):
+            return await self.sync_locked(record)
+
+    async def sync_locked(self, record: SessionRecord) -> list[Published]:
+        session_id = record.session_id
+        namer = Namer(namespace=self.config.namespace, session_id=session_id)
+        running = await self._running_with_ports(session_id)
+        forwarders = await self._forwarders(session_id)
+        workstation = await self._workstation(session_id)
+        previous = await self._published_before(session_id)
+        incumbents: dict[str, set[int]] = {}
+        for forwarder in forwarders:
+            labels = forwarder.get("Labels") or {}
+            ports = policy.parse_ports_label(labels.get(PORTS_LABEL, ""))
+            incumbents.setdefault(labels.get(TARGET, ""), set()).update(p.host_port for p in ports)
+        for container_id, port in previous:
+            incumbents.setdefault(container_id, set()).add(port)
+
+        network = self.config.session_network(session_id)
+        candidates = [c for c in (self._published(c, namer, network) for c in running) if c is not None]
+        candidates.sort(key=lambda c: (not incumbents.get(c.container_id), c.started_at, c.container_id))
+        taken: set[int] = set()
+        allocated: list[Published] = []
+        for candidate in candidates:
+            free = tuple(p for p in candidate.ports if p.host_port not in taken)
+            if free:
+                allocated.append(replace(candidate, ports=free))
+                taken.update(p.host_port for p in free)
+
+        wanted = {p.container_id: p for p in allocated} if workstation is not None else {}
+        kept: set[str] = set()
+        for forwarder in forwarders:
+            labels = forwarder.get("Labels") or {}
+            target = labels.get(TARGET, "")
+            want = wanted.get(target)
+            if (
+                want is not None
+                and workstation is not None
+                and target not in kept
+                and labels.get(PORTS_LABEL) == policy.ports_label(list(want.ports))
+                and labels.get(ADDRESS) == want.address
+                and labels.get(WORKSTATION) == workstation.key
+            ):
+                kept.add(target)
+                continue
+            await self._remove(forwarder["Id"])
+        if workstation is not None:
+            for published in wanted.values():
+                if published.container_id not in kept:
+                    await self._create(record, published, workstation)
+        await self._write(record, allocated)
+        return allocated
+
+    async def close(self, session_id: int) -> None:
+        """The session is over: its forwarders and its entry in Redis go. Idempotent."""
+        task = self._tasks.pop(session_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._again.discard(session_id)
+        self._records.pop(session_id, None)
+        async with self.lock(session_id):
+            for forwarder in await self._forwarders(session_id):
+                await self._remove(forwarder["Id"])
+            await self.redis.delete(self.config.ports_key(session_id))
+        self._locks.pop(session_id, None)
+
+    async def shutdown(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # Reading the engine.
+
+    def _filters(self, session_id: int, *labels: str) -> str:
+        mine = [f"{SESSION}={session_id}", f"{NAMESPACE}={self.config.namespace}"]
+        return json.dumps({"label": [*mine, *labels]})
+
+    async def _running_with_ports(self, session_id: int) -> list[dict[str, Any]]:
+        """Each running container with ports, inspected: the list is the engine's eventually consistent view
+        (a container that just died is still listed as running when its die event arrives), while inspect
+        waits for the container's own state."""
+        filters = self._filters(session_id, f"{ROLE}=student", PORTS_LABEL)
+        listed = await self.engine.json("GET", "/containers/json", query={"filters": filters}) or []
+        details = []
+        for container in listed:
+            if not publishes(container):
+                continue
+            response = await self.engine.call("GET", f"/containers/{container['Id']}/json")
+            if response.status == 200:
+                detail = response.json()
+                if (detail.get("State") or {}).get("Running"):
+                    details.append(detail)
+        return details
+
+    async def _forwarders(self, session_id: int) -> list[dict[str, Any]]:
+        filters = self._filters(session_id, f"{ROLE}={FORWARDER_ROLE}")
+        query = {"all": "1", "filters": filters}
+        return list(await self.engine.json("GET", "/containers/json", query=query) or [])
+
+    async def _workstation(self, session_id: int) -> WorkstationInfo | None:
+        """The session's running workstation, made by the launcher (students cannot take its name)."""
+        response = await self.engine.call("GET", f"/containers/{q(self.config.workstation_name(session_id))}/json")
+        if response.status != 200:
+            return None
+        detail = response.json()
+        labels = (detail.get("Config") or {}).get("Labels") or {}
+        state = detail.get("State") or {}
+        if (
+            labels.get(MANAGED) != "1"
+            or labels.get(NAMESPACE) != self.config.namespace
+            or not str(labels.get(ROLE, "")).startswith("workstation")
+            or (detail.get("HostConfig") or {}).get("NetworkMode") != self.config.session_network(session_id)
+            or not state.get("Running")
+        ):
+            return None
+        return WorkstationInfo(
+            id=str(detail["Id"]), image=str(detail.get("Image", "")), started_at=str(state.get("StartedAt", ""))
+        )
+
+    def _published(self, detail: dict[str, Any], namer: Namer, network: str) -> Published | None:
+        ports = [p for p in policy.parse_ports_label(_labels(detail).get(PORTS_LABEL, "")) if p.proto == "tcp"]
+        networks = (detail.get("NetworkSettings") or {}).get("Networks") or {}
+        address = str((networks.get(network) or {}).get("IPAddress") or "")
+        if not ports or not address:
+            return None
+        name = str(detail.get("Name", ""))
+        return Published(
+            container_id=str(detail["Id"]),
+            name=namer.plain(name).lstrip("/") if namer.owns_plain(name) else str(detail["Id"])[:12],
+            address=address,
+            started_at=str((detail.get("State") or {}).get("StartedAt", "")),
+            ports=tuple(ports),
+        )
+
+    async def _published_before(self, session_id: int) -> list[tuple[str, int]]:
+        try:
+            raw = await self.redis.get(self.config.ports_key(session_id))
+            entries = json.loads(raw)["ports"] if raw else []
+            return [(str(e["container_id"]), int(e["port"])) for e in entries]
+        except Exception:
+            return []
+
+    # Changing the engine.
+
+    async def _create(self, record: SessionRecord, published: Published, workstation: WorkstationInfo) -> None:
+        session_id = record.session_id
+        name = f"{self.config.workstation_name(session_id)}-fwd-{published.container_id[:12]}"
+        labels = {
+            MANAGED: "1",
+            NAMESPACE: self.config.namespace,
+            SESSION: str(session_id),
+            OWNER: record.owner_key,
+            EXPIRES: str(record.expires_at),
+            ROLE: FORWARDER_ROLE,
+            TARGET: published.container_id,
+            ADDRESS: published.address,
+            PORTS_LABEL: policy.ports_label(list(published.ports)),
+            WORKSTATION: workstation.key,
+        }
+        payload = {
+            "Image": self.config.forwarder_image or workstation.image,
+            "Entrypoint": ["sh", "-c"],
+            "Cmd": [forwarder_script(published)],
+            "User": FORWARDER_USER,
+            "Labels": labels,
+            "HostConfig": {
+                "NetworkMode": f"container:{workstation.id}",
+                "CapDrop": ["ALL"],
+                "SecurityOpt": [policy.NO_NEW_PRIVILEGES],
+                "ReadonlyRootfs": True,
+                "Memory": FORWARDER_MEMORY,
+                "MemorySwap": FORWARDER_MEMORY,
+                "NanoCpus": FORWARDER_NANO_CPUS,
+                "PidsLimit": FORWARDER_PIDS,
+                "LogConfig": LOG_CONFIG,
+                "RestartPolicy": {"Name": "no"},
+            },
+        }
+        for attempt in range(2):
+            response = await self.engine.call("POST", "/containers/create", query={"name": name}, payload=payload)
+            if response.status == 409 and attempt == 0:
+                await self._remove(name)
+                continue
+            break
+        if response.status >= 300:
+            log.warning("session %s: could not create %s: %s", session_id, name, response.message)
+            return
+        forwarder_id = response.json()["Id"]
+        started = await self.engine.call("POST", f"/containers/{forwarder_id}/start")
+        if started.status >= 300:
+            log.warning("session %s: could not start %s: %s", session_id, name, started.message)
+            await self._remove(forwarder_id)
+            return
+        log.info("session %s: forwarding %s", session_id, policy.ports_label(list(published.ports)))
+
+    async def _remove(self, ref: str) -> None:
+        response = await self.engine.call("DELETE", f"/containers/{q(ref)}", query={"force": "1", "v": "1"})
+        if response.status >= 300 and response.status not in (404, 409):
+            raise EngineError(response.status, response.message)
+
+    async def _write(self, record: SessionRecord, allocated: list[Published]) -> None:
+        entries = []
+        for published in sorted(allocated, key=lambda p: min(port.host_port for port in p.ports)):
+            for entry in published.as_json():
+                entries.append({**entry, "container_id": published.container_id})
+        entries.sort(key=lambda e: e["port"])
+        ttl = max(record.expires_at - int(time.time()), 0) + 600
+        await self.redis.set(self.config.ports_key(record.session_id), json.dumps({"ports": entries}), ex=ttl)
+
+    async def _sync_soon(self, session_id: int) -> None:
+        while True:
+            self._again.discard(session_id)
+            record = self._records.get(session_id)
+            if record is None:
+                return
+            try:
+                await self.sync(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("session %s: could not sync published ports", session_id, exc_info=True)
+            if session_id not in self._again:
+                return
