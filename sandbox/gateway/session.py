@@ -8,6 +8,7 @@ container is the student's only if it also carries the role "student".
 """
 
 import asyncio
+import fnmatch
 import json
 import logging
 import re
@@ -1043,13 +1044,17 @@ class StudentGateway:
         views = await self.image_views(filters=engine_filters or None)
         entries = [self._image_entry(view) for view in views]
         if references:
-            import fnmatch
-
+            # As docker does: an image is listed with only the names that match, or not at all.
             def matches(tag: str) -> bool:
                 repo, _tag = split_repo_tag(tag)
                 return any(fnmatch.fnmatchcase(tag, r) or fnmatch.fnmatchcase(repo, r) for r in references)
 
-            entries = [e for e in entries if any(matches(t) for t in e["RepoTags"] if t != "<none>:<none>")]
+            filtered = []
+            for entry in entries:
+                tags = [t for t in entry["RepoTags"] if t != "<none>:<none>" and matches(t)]
+                if tags:
+                    filtered.append({**entry, "RepoTags": tags})
+            entries = filtered
         await side.respond_json(200, entries)
 
     async def image_inspect(self, side: ServerSide, request: Request, ref: str) -> None:

@@ -113,6 +113,9 @@ def test_curriculum_commands_through_the_gateway(
     tagged = ok(ws.docker("docker images snapshot"))
     ids = {line.split()[2] for line in tagged.splitlines()[1:]}
     assert len(tagged.splitlines()) == 3 and len(ids) == 1 and len(ids.pop()) == 12
+    ok(ws.docker(f"docker tag {image} tools"))
+    rows = ok(ws.docker("docker images tools")).splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [["tools", "latest"]], "only the names that match are listed"
     ok(ws.docker("docker run --name user-of-myapp myapp"))
     refused = ws.docker("docker rmi myapp")
     assert refused[0] != 0 and "conflict" in refused[1] and "is using its referenced image" in refused[1]
