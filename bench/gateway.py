@@ -4,12 +4,14 @@ sessions connected.
 
     .venv/bin/python bench/gateway.py [--image busybox:latest] [--rounds 10]
 
-Needs the docker CLI on the host, the engine, and the Redis of settings.REDIS_URL. It starts its own gateway
-process in a namespace of its own and removes everything it made.
+Runs the students' own docker CLI, taken from the workstation image through the engine's API, on this
+machine; needs the engine and the Redis of settings.REDIS_URL. It starts its own gateway process in a
+namespace of its own and removes everything it made.
 """
 
 import argparse
 import contextlib
+import io
 import os
 import secrets
 import shutil
@@ -18,14 +20,35 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 NAMESPACE = f"lcbench{os.getpid()}"
 os.environ["LAYERCAKE_SANDBOX_NAMESPACE"] = NAMESPACE
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tutorial.settings.local")
+
+
+def workstation_cli(api: Any, directory: Path) -> str:
+    """The workstation image's docker CLI, copied out of a created (never started) container."""
+    container = api.create_container(
+        "layercake/workstation:latest",
+        command=["true"],
+        labels={"layercake.managed": "1", "layercake.namespace": NAMESPACE},
+    )
+    try:
+        stream, _ = api.get_archive(container["Id"], "/usr/bin/docker")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as archive:
+            archive.extract("docker", directory, filter="data")
+    finally:
+        api.remove_container(container["Id"], force=True)
+    path = directory / "docker"
+    path.chmod(0o755)
+    return str(path)
 
 
 def timed(command: list[str], env: dict[str, str], rounds: int) -> float:
@@ -69,6 +92,7 @@ def main() -> None:
     )
     sessions: list[int] = []
     held: list[socket.socket] = []
+    scratch = tempfile.mkdtemp(prefix="layercake-bench-")
     try:
         time.sleep(1.5)
 
@@ -89,10 +113,11 @@ def main() -> None:
         directory = open_session(network=True)
         engine_env = {**os.environ, "DOCKER_HOST": settings.SANDBOX_DOCKER_URL}
         gateway_env = {**os.environ, "DOCKER_HOST": f"unix://{directory / 'docker.sock'}"}
+        cli = workstation_cli(api, Path(scratch))
         commands = {
-            "docker ps": ["docker", "ps"],
-            "docker images": ["docker", "images"],
-            f"docker run --rm {options.image} true": ["docker", "run", "--rm", options.image, "true"],
+            "docker ps": [cli, "ps"],
+            "docker images": [cli, "images"],
+            f"docker run --rm {options.image} true": [cli, "run", "--rm", options.image, "true"],
         }
         print(f"median of {options.rounds} runs each, same machine, same run")
         for label, command in commands.items():
@@ -130,6 +155,7 @@ def main() -> None:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=10)
         shutil.rmtree(Path(settings.GATEWAY_DIR), ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         api.close()
 
 
