@@ -1,4 +1,3 @@
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -6,23 +5,13 @@ from django.test import override_settings
 from django.utils import timezone
 
 from lessons.models import Lesson
-from sandbox import backends, services
+from sandbox import services
 from sandbox.backends.base import EngineUnavailable
 from sandbox.models import EndReason, Sandbox, SandboxState
 
 from .fakes import MemoryBackend
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def memory_backend() -> Iterator[type[MemoryBackend]]:
-    MemoryBackend.running = {}
-    MemoryBackend.fail_with = None
-    backends._backends.clear()
-    with override_settings(SANDBOX_BACKEND="sandbox.tests.fakes.MemoryBackend"):
-        yield MemoryBackend
-    backends._backends.clear()
 
 
 @pytest.fixture

@@ -65,6 +65,22 @@ class Terminal:
     def state(self) -> str | None:
         return self.states[-1]["state"] if self.states else None
 
+    async def closed(self, *, within: float = 20) -> int | None:
+        """Take frames until the server closes; the close code."""
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                frame = await asyncio.wait_for(self.ws.recv(), within)
+                assert isinstance(frame, bytes)
+                await self._take(frame)
+        return closed.value.rcvd.code if closed.value.rcvd is not None else None
+
+
+def wait_until_ended(sandbox: Sandbox, *, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
+        assert time.monotonic() < deadline, "the sandbox did not end"
+        time.sleep(0.2)
+
 
 def _ws(host: str, pk: int, client: Client | None) -> "connect":
     headers = {"Origin": f"http://{host}"}
@@ -136,10 +152,7 @@ def test_start_type_resize_reconnect_and_stop(live_asgi: str, lesson: Lesson) ->
 
     response = client.post(f"/sandbox/{sandbox.pk}/stop/", HTTP_HX_REQUEST="true")
     assert response.status_code == 200
-    deadline = time.monotonic() + 30
-    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
-        assert time.monotonic() < deadline, "the sandbox did not end"
-        time.sleep(0.2)
+    wait_until_ended(sandbox)
     assert _engine_objects() == []
 
 
@@ -228,20 +241,12 @@ def test_when_the_shell_exits_the_page_is_told_why_and_nothing_is_left(live_asgi
             await term.hello()
             await term.until(lambda t: t.state() == "ready", within=60)
             await ws.send(protocol.input_frame(b"exit\r"))
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    frame = await asyncio.wait_for(ws.recv(), 20)
-                    assert isinstance(frame, bytes)
-                    await term._take(frame)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_ENDED
+            assert await term.closed() == protocol.CLOSE_ENDED
             assert term.states[-1]["reason"] == "exited"
             assert term.states[-1]["message"] == "The shell exited."
 
     asyncio.run(session())
-    deadline = time.monotonic() + 30
-    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
-        assert time.monotonic() < deadline, "the sandbox did not end"
-        time.sleep(0.2)
+    wait_until_ended(sandbox)
     assert _engine_objects() == []
 
 
@@ -266,19 +271,11 @@ def test_an_idle_sandbox_is_ended_by_the_reaper_and_the_page_is_told(live_asgi: 
                 )
             )
             sandbox_reap_task.delay()
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    frame = await asyncio.wait_for(ws.recv(), 20)
-                    assert isinstance(frame, bytes)
-                    await term._take(frame)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_ENDED
+            assert await term.closed() == protocol.CLOSE_ENDED
             assert term.states[-1]["reason"] == "idle"
             assert term.states[-1]["message"] == "The sandbox was idle for too long."
 
     asyncio.run(session())
-    deadline = time.monotonic() + 30
-    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
-        assert time.monotonic() < deadline, "the sandbox did not end"
-        time.sleep(0.2)
+    wait_until_ended(sandbox)
     assert _engine_objects() == []
     assert "The sandbox was idle for too long." in client.get(f"/sandbox/{sandbox.pk}/").content.decode()

@@ -1,26 +1,14 @@
-from collections.abc import Iterator
-
 import pytest
 from django.test import Client, override_settings
 
 from lessons.models import Lesson
-from sandbox import backends, services
+from sandbox import services
 from sandbox.backends.base import EngineUnavailable
 from sandbox.models import Sandbox
 
 from .fakes import MemoryBackend
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def memory_backend() -> Iterator[type[MemoryBackend]]:
-    MemoryBackend.running = {}
-    MemoryBackend.fail_with = None
-    backends._backends.clear()
-    with override_settings(SANDBOX_BACKEND="sandbox.tests.fakes.MemoryBackend"):
-        yield MemoryBackend
-    backends._backends.clear()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("memory_backend")]
 
 
 @pytest.fixture

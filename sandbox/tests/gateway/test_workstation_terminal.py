@@ -1,7 +1,6 @@
 """The lesson terminal in the student's workstation: the spine and the gateway together, for real."""
 
 import asyncio
-import time
 from pathlib import Path
 
 import docker
@@ -10,8 +9,7 @@ from django.conf import settings
 from django.test import Client
 
 from lessons.models import Lesson
-from sandbox.models import Sandbox, SandboxState
-from sandbox.tests.test_terminal_live import Terminal, _start, _ws
+from sandbox.tests.test_terminal_live import Terminal, _start, _ws, wait_until_ended
 
 from .conftest import WORKSTATION_IMAGE, GatewayProcess
 
@@ -54,9 +52,6 @@ def test_the_terminal_opens_in_the_workstation_with_a_working_docker(
     assert _session_objects(sandbox.pk), "the student's container should exist until the sandbox ends"
 
     client.post(f"/sandbox/{sandbox.pk}/stop/", HTTP_HX_REQUEST="true")
-    deadline = time.monotonic() + 30
-    while Sandbox.objects.get(pk=sandbox.pk).state != SandboxState.ENDED:
-        assert time.monotonic() < deadline, "the sandbox did not end"
-        time.sleep(0.2)
+    wait_until_ended(sandbox)
     assert _session_objects(sandbox.pk) == []
     assert not (Path(settings.GATEWAY_DIR) / str(sandbox.pk)).exists()
