@@ -4,12 +4,14 @@
 import * as wire from "./protocol.js";
 
 const ACK_EVERY = 32 * 1024;
-const ACK_DELAY_MS = 15;
+const ACK_IDLE_MS = 15;
 const INPUT_CHUNK = 32 * 1024;
+const REFIT_DELAY_MS = 60;
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 5000;
 const STEPS = ["queued", "creating", "starting", "ready"];
-const FINAL_STATES = new Set(["ended", "failed", "stopping"]);
+const FINAL_STATES = new Set(["stopping", "ended", "failed"]);
+const LAST_CLOSES = new Set([wire.CLOSE_ENDED, wire.CLOSE_FORBIDDEN, wire.CLOSE_NOT_FOUND]);
 
 const terminals = [];
 window.layercakeTerminals = terminals;
@@ -23,17 +25,21 @@ class SandboxTerminal {
     this.wsPath = root.dataset.wsPath;
     this.panelUrl = root.dataset.panelUrl;
     this.progress = root.querySelector("[data-progress]");
+    this.label = root.querySelector("[data-progress-label]");
     this.notice = root.querySelector("[data-notice]");
     this.screen = root.querySelector("[data-screen]");
-    this.offset = 0; // output bytes written to the screen so far
+    this.state = root.dataset.state;
+    this.ws = null;
+    this.written = 0; // output bytes handed to xterm: the offset of the next byte
+    this.rendered = 0; // output bytes xterm has finished writing
     this.acked = 0;
     this.ackTimer = null;
     this.hasScreen = false;
     this.replaying = 0;
+    this.generation = 0; // bumped by each replay, which starts the screen over
     this.retryMs = RETRY_FIRST_MS;
+    this.retryTimer = null;
     this.finished = false;
-    this.state = root.dataset.state;
-    this.ws = null;
     this.term = this.createTerminal();
     this.showState(this.state);
     this.connect();
@@ -43,10 +49,10 @@ class SandboxTerminal {
     const term = new window.Terminal({
       allowProposedApi: true,
       cursorBlink: true,
-      fontFamily: '"DejaVu Sans Mono", "Menlo", "Consolas", monospace',
-      fontSize: 13,
+      fontFamily: '"DejaVu Sans Mono", Menlo, Consolas, "Liberation Mono", monospace',
+      fontSize: 14,
       scrollback: 5000,
-      theme: { background: "#1d1f21", foreground: "#e6e6e6", cursor: "#f0c674" },
+      theme: { background: "#1d1f21", foreground: "#e6e6e6", cursor: "#f0c674", selectionBackground: "#4c6a85" },
     });
     this.fit = new window.FitAddon.FitAddon();
     term.loadAddon(this.fit);
@@ -56,53 +62,52 @@ class SandboxTerminal {
     this.serialize = new window.SerializeAddon.SerializeAddon();
     term.loadAddon(this.serialize);
     term.open(this.screen);
-    this.useWebgl(term);
+    this.webgl = this.loadWebgl(term);
     term.attachCustomKeyEventHandler((event) => this.clipboardKeys(event));
     term.onData((data) => this.sendInput(encoder.encode(data)));
     term.onBinary((data) => this.sendInput(latin1(data)));
-    term.onResize(({ cols, rows }) => this.sendNow(wire.resize(cols, rows)));
+    term.onResize(({ cols, rows }) => this.send(wire.resize(cols, rows)));
     this.refit();
-    const observer = new ResizeObserver(() => this.scheduleRefit());
-    observer.observe(this.screen);
-    this.observer = observer;
+    this.observer = new ResizeObserver(() => {
+      clearTimeout(this.refitTimer);
+      this.refitTimer = setTimeout(() => this.refit(), REFIT_DELAY_MS);
+    });
+    this.observer.observe(this.screen);
     return term;
   }
 
-  useWebgl(term) {
-    // WebGL renders fastest; without it (or when its context is lost) the DOM renderer takes over.
+  loadWebgl(term) {
+    // Without WebGL, or once its context is lost, xterm falls back to its DOM renderer.
     try {
       const webgl = new window.WebglAddon.WebglAddon();
-      webgl.onContextLoss(() => webgl.dispose());
+      webgl.onContextLoss(() => {
+        webgl.dispose();
+        this.webgl = null;
+      });
       term.loadAddon(webgl);
+      return webgl;
     } catch (error) {
-      console.info("terminal: WebGL is unavailable, using the DOM renderer", error);
+      console.info("terminal: no WebGL, using the DOM renderer", error);
+      return null;
     }
   }
 
   clipboardKeys(event) {
-    if (event.type !== "keydown") return true;
-    const key = event.key.toLowerCase();
+    const key = event.key?.toLowerCase();
     const shortcut = (event.ctrlKey && event.shiftKey) || event.metaKey;
-    // Ctrl+Shift+C copies the selection (and must not open the browser's inspector); Ctrl+C alone still
-    // interrupts the shell.
-    if (shortcut && key === "c" && this.term.hasSelection()) {
+    if (!shortcut || (key !== "c" && key !== "v")) return true;
+    // Ctrl+Shift+C copies (and must not open the browser's inspector); Ctrl+C alone still interrupts.
+    // Ctrl+Shift+V: the browser's own paste event brings the text, which xterm pastes; the key itself must
+    // not reach the shell.
+    if (key === "c" && event.type === "keydown") {
       event.preventDefault();
-      navigator.clipboard?.writeText(this.term.getSelection());
-      return false;
+      if (this.term.hasSelection()) navigator.clipboard?.writeText(this.term.getSelection());
     }
-    // Ctrl+Shift+V: the browser's own paste event brings the text, which xterm pastes; the terminal must
-    // not also send the key itself.
-    if (shortcut && key === "v") return false;
-    return true;
-  }
-
-  scheduleRefit() {
-    clearTimeout(this.refitTimer);
-    this.refitTimer = setTimeout(() => this.refit(), 60);
+    return false;
   }
 
   refit() {
-    if (this.screen.offsetParent === null) return;
+    if (this.finished || !this.screen.isConnected || this.screen.clientHeight === 0) return;
     try {
       this.fit.fit();
     } catch (error) {
@@ -117,13 +122,17 @@ class SandboxTerminal {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     ws.onopen = () => {
-      this.retryMs = RETRY_FIRST_MS;
-      ws.send(wire.hello(this.hasScreen, this.offset));
+      ws.send(wire.hello(this.hasScreen, this.written));
       ws.send(wire.resize(this.term.cols, this.term.rows));
-      this.setNotice("");
     };
-    ws.onmessage = (event) => this.receive(event.data);
-    ws.onclose = (event) => this.closed(event.code);
+    ws.onmessage = (event) => {
+      this.retryMs = RETRY_FIRST_MS;
+      if (!this.notice.hidden) this.setNotice("");
+      this.receive(event.data);
+    };
+    ws.onclose = (event) => {
+      if (this.ws === ws) this.closed(event.code);
+    };
   }
 
   receive(buffer) {
@@ -131,60 +140,63 @@ class SandboxTerminal {
     if (frame === null) return;
     if (frame.kind === wire.STATUS) {
       this.showState(frame.status.state, frame.status.message);
-      return;
-    }
-    if (frame.kind === wire.REPLAY) {
+    } else if (frame.kind === wire.REPLAY) {
       // A fresh screen from what the server kept. Queries in it (cursor position, device attributes) make
-      // the terminal answer; those answers belong to a past program, so they must not reach the shell.
-      this.term.reset();
-      this.offset = frame.offset;
-      this.acked = frame.offset;
+      // xterm answer; those answers belong to a past program, so they must not reach the shell.
+      // The reset goes through write() so that it lands after any output xterm still has queued.
+      this.generation += 1;
+      this.written = this.rendered = this.acked = frame.offset;
       this.replaying += 1;
-      this.write(frame.data, () => {
-        this.replaying -= 1;
-      });
-    } else if (frame.offset === this.offset) {
-      this.write(frame.data);
-    } else if (frame.offset + frame.data.length > this.offset && frame.offset < this.offset) {
-      this.write(frame.data.subarray(this.offset - frame.offset));
+      this.term.write("\x1bc");
+      this.write(frame.data, () => (this.replaying -= 1));
+      this.hasScreen = true;
+    } else if (frame.offset > this.written) {
+      // Output went missing: start over from a replay rather than show a screen with a hole in it.
+      this.hasScreen = false;
+      this.ws?.close(1000);
+    } else if (frame.offset + frame.data.length > this.written) {
+      this.write(frame.data.subarray(this.written - frame.offset));
+      this.hasScreen = true;
     }
-    this.hasScreen = true;
   }
 
   write(data, done) {
-    const end = this.offset + data.length;
-    this.offset = end;
+    const generation = this.generation;
+    this.written += data.length;
+    const end = this.written;
     this.term.write(data, () => {
       done?.();
-      this.rendered(end);
+      if (this.finished || generation !== this.generation) return;
+      this.rendered = Math.max(this.rendered, end);
+      this.scheduleAck();
     });
   }
 
-  rendered(end) {
-    if (end - this.acked >= ACK_EVERY) {
-      this.sendAck(end);
+  scheduleAck() {
+    if (this.rendered - this.acked >= ACK_EVERY) {
+      this.sendAck();
     } else if (this.ackTimer === null) {
-      this.ackTimer = setTimeout(() => this.sendAck(this.offset), ACK_DELAY_MS);
+      this.ackTimer = setTimeout(() => this.sendAck(), ACK_IDLE_MS);
     }
   }
 
-  sendAck(end) {
+  sendAck() {
     clearTimeout(this.ackTimer);
     this.ackTimer = null;
-    if (end > this.acked) {
-      this.acked = end;
-      this.sendNow(wire.ack(end));
+    if (this.rendered > this.acked) {
+      this.acked = this.rendered;
+      this.send(wire.ack(this.acked));
     }
   }
 
   sendInput(bytes) {
     if (this.replaying > 0) return;
     for (let start = 0; start < bytes.length; start += INPUT_CHUNK) {
-      this.sendNow(wire.input(bytes.subarray(start, start + INPUT_CHUNK)));
+      this.send(wire.input(bytes.subarray(start, start + INPUT_CHUNK)));
     }
   }
 
-  sendNow(frame) {
+  send(frame) {
     if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(frame);
   }
 
@@ -193,14 +205,14 @@ class SandboxTerminal {
     if (this.finished) return;
     if (code === wire.CLOSE_ENDED) {
       this.finish();
-    } else if (code === wire.CLOSE_FORBIDDEN || code === wire.CLOSE_NOT_FOUND) {
-      this.finished = true;
-      this.setNotice("This sandbox is not yours, or it no longer exists.");
+    } else if (LAST_CLOSES.has(code)) {
+      this.stop();
+      this.setNotice("This sandbox is not yours, or it no longer exists. Reload the page to start a new one.");
     } else if (code === wire.CLOSE_ELSEWHERE) {
       this.setNotice("This terminal is open in another tab. ", "Use it here", () => this.connect());
     } else {
       this.setNotice("Connection lost. Reconnecting…");
-      setTimeout(() => this.connect(), this.retryMs);
+      this.retryTimer = setTimeout(() => this.connect(), this.retryMs);
       this.retryMs = Math.min(this.retryMs * 2, RETRY_MAX_MS);
     }
   }
@@ -217,28 +229,46 @@ class SandboxTerminal {
       const index = STEPS.indexOf(item.dataset.step);
       item.classList.toggle("done", index < reached);
       item.classList.toggle("current", index === reached);
+      if (index === reached) item.setAttribute("aria-current", "step");
+      else item.removeAttribute("aria-current");
     }
-    const label = this.progress.querySelector("[data-progress-label]");
-    if (label) label.textContent = message || `${state[0].toUpperCase()}${state.slice(1)}…`;
+    this.label.textContent = message || `${state[0].toUpperCase()}${state.slice(1)}…`;
     const ready = state === "ready";
+    const becameReady = ready && !this.root.classList.contains("is-ready");
     this.progress.hidden = ready;
     this.root.classList.toggle("is-ready", ready);
-    if (ready) {
+    if (becameReady) {
       this.refit();
       this.term.focus();
     }
   }
 
-  finish() {
-    if (this.finished) return;
+  // Everything but the page: the socket, timers and xterm. Safe to call more than once.
+  stop() {
     this.finished = true;
-    this.ws?.close(1000);
+    clearTimeout(this.retryTimer);
+    clearTimeout(this.refitTimer);
+    clearTimeout(this.ackTimer);
     this.observer.disconnect();
-    const panel = this.root.closest("[data-panel]");
+    const ws = this.ws;
+    this.ws = null;
+    ws?.close(1000);
     const index = terminals.findIndex((entry) => entry.root === this.root);
     if (index >= 0) terminals.splice(index, 1);
+    if (!this.term) return;
+    // xterm 5.3 throws when it disposes a terminal that still has its WebGL renderer: drop that first.
+    this.webgl?.dispose();
+    this.webgl = null;
     this.term.dispose();
-    if (panel && window.htmx) {
+    this.term = null;
+  }
+
+  // The sandbox ended: the panel, fetched afresh, says why and offers a new one.
+  finish() {
+    if (this.finished) return;
+    this.stop();
+    const panel = this.root.closest("[data-panel]");
+    if (panel?.isConnected && window.htmx) {
       window.htmx.ajax("GET", this.panelUrl, { target: panel, swap: "outerHTML" });
     }
   }
@@ -260,14 +290,21 @@ class SandboxTerminal {
   }
 }
 
+const mounted = new WeakMap();
+
 function mountAll(root) {
-  for (const element of root.querySelectorAll("[data-terminal]")) {
-    if (element.dataset.mounted) continue;
-    element.dataset.mounted = "1";
+  const elements = [...root.querySelectorAll("[data-terminal]")];
+  if (root.matches?.("[data-terminal]")) elements.push(root);
+  for (const element of elements) {
+    if (mounted.has(element)) continue;
     const terminal = new SandboxTerminal(element);
-    terminals.push({ root: element, term: terminal.term, state: () => terminal.state, terminal });
+    mounted.set(element, terminal);
+    if (!terminal.finished) terminals.push({ root: element, term: terminal.term, state: () => terminal.state });
   }
 }
 
 mountAll(document);
-document.body.addEventListener("htmx:load", (event) => mountAll(event.target));
+document.addEventListener("htmx:load", (event) => mountAll(event.target));
+document.addEventListener("htmx:beforeCleanupElement", (event) => {
+  if (event.target.matches?.("[data-terminal]")) mounted.get(event.target)?.stop();
+});
