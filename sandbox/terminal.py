@@ -19,8 +19,6 @@ from .backends.base import TerminalStream
 
 log = logging.getLogger(__name__)
 
-FORM_FEED = b"\x0c"
-
 
 class Viewer(Protocol):
     """A browser connected to the terminal."""
@@ -87,7 +85,6 @@ class TerminalRelay:
         self._can_send = asyncio.Event()
         self._can_send.set()
         self._task: asyncio.Task[None] | None = None
-        self._greeted = False
         self.closed = False
 
     def start(self) -> None:
@@ -148,7 +145,7 @@ class TerminalRelay:
         if previous is not None and previous is not viewer:
             with contextlib.suppress(Exception):
                 await previous.detached(reason="elsewhere")
-        if has_screen and not self._greeted and self._buffer.end == 0:
+        if has_screen and self._buffer.start == 0 and self._buffer.end == 0:
             # This process has not seen the shell yet (the web server restarted): the browser's screen is
             # the best there is, so carry on from it.
             self._buffer.rebase(offset)
@@ -161,10 +158,6 @@ class TerminalRelay:
             self._acked = self._buffer.start
             await viewer.send_replay(offset=self._buffer.start, data=self._buffer.everything())
         self._update_window()
-        if not self._greeted:
-            # Lets a new sandbox's shell start (see the backend contract); a running program redraws.
-            self._greeted = True
-            await self._stream.write(FORM_FEED)
 
     def detach(self, viewer: Viewer) -> None:
         self._drop(viewer)

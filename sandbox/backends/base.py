@@ -92,8 +92,5 @@ class SandboxBackend(abc.ABC):
 
     @abc.abstractmethod
     async def open_terminal(self, state: dict[str, Any]) -> TerminalStream:
-        """Attach to the sandbox's shell.
-
-        The first byte written to a sandbox's terminal lets its shell start, so nothing it prints is lost
-        before anyone attaches; the relay writes a form feed, which also makes an attached program redraw.
-        """
+        """Attach to the sandbox's shell, letting it start on the first attach so that nothing it prints
+        is lost before anyone listens; on a later attach, the program in front is asked to redraw."""

@@ -5,6 +5,7 @@ egress. Names derive from the session id and every object carries the project's 
 finds all of them after any crash. Blocking SDK calls run only in workers; the terminal uses aiodocker.
 """
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -48,6 +49,10 @@ ROOT_SHELL_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"
 # the terminal's first byte, which the gate swallows unechoed.
 LOG_CONFIG = {"Type": "none", "Config": {}}
 SHELL_GATE = 'stty -echo -icanon min 1 2>/dev/null; head -c 1 >/dev/null; stty echo icanon 2>/dev/null; exec "$@"'
+GATE_NAME = "layercake-gate"
+GATE_KEY = b"\r"
+REDRAW_KEY = b"\x0c"
+GATE_WAIT_SECONDS = 5.0
 
 
 # Every sandbox network's bridge on the host is named with this prefix, so one host firewall rule (which
@@ -161,7 +166,7 @@ class DockerBackend(SandboxBackend):
             "sh",
             "-c",
             SHELL_GATE,
-            "layercake-gate",
+            GATE_NAME,
             *(image.get("Entrypoint") or []),
         ]
         command = image.get("Cmd") or ["sh"]
@@ -315,6 +320,28 @@ class DockerTerminal:
         except (TimeoutError, OSError) as exc:
             await self.close()
             raise EngineUnavailable(str(exc)) from exc
+        await self._release_gate()
+
+    async def _release_gate(self) -> None:
+        """Let a new sandbox's shell start, or make a running program redraw after a re-attach.
+
+        The gate's byte is sent only once its `head` is waiting, which is after it turned echo off, so
+        the byte is never echoed. With no gate left, a form feed asks the program in front to redraw.
+        """
+        deadline = time.monotonic() + GATE_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                listing = await self._container.top()
+            except aiodocker.DockerError:
+                break
+            commands = [str(row[-1]) for row in listing.get("Processes") or []]
+            if any(command.startswith("head -c 1") for command in commands):
+                await self._stream.write_in(GATE_KEY)
+                return
+            if not any(GATE_NAME in command for command in commands):
+                break
+            await asyncio.sleep(0.01)
+        await self._stream.write_in(REDRAW_KEY)
 
     async def read(self) -> bytes | None:
         message = await self._stream.read_out()

@@ -43,6 +43,9 @@ def test_the_terminal_opens_in_the_workstation_with_a_working_docker(
             term = Terminal(ws)
             await term.hello()
             await term.until(lambda t: t.state() == "ready", within=60)
+            # The welcome is printed before anyone types, and nothing wipes it: the gate's byte is not echoed.
+            await term.until(lambda t: b"Welcome to your Layercake workstation" in t.screen and b"$ " in t.screen)
+            assert b"\x1b[2J" not in term.screen and b"^L" not in term.screen and b"^M" not in term.screen
             await term.run("id -u; echo $DOCKER_HOST", b"unix:///run/layercake/docker.sock")
             await term.run("docker ps -a", b"CONTAINER ID")
             await term.run("docker run --name mine busybox echo hello-$((40+2))", b"hello-42")
