@@ -30,6 +30,7 @@ class EndReason(models.TextChoices):
     VANISHED = "vanished", "The sandbox container is gone."
     ERROR = "error", "The sandbox could not be started."
     ENGINE_DOWN = "engine_down", "The container engine is not reachable right now."
+    SHUTDOWN = "shutdown", "The site was stopped."
 
 
 class SandboxQuerySet(models.QuerySet["Sandbox"]):

@@ -209,6 +209,18 @@ def sandbox_shell_gone(*, sandbox_id: int) -> None:
     sandbox_stop(sandbox=sandbox, reason=EndReason.MAX_AGE if expired else EndReason.EXITED)
 
 
+def sandbox_end_all(*, reason: EndReason) -> list[int]:
+    """End every sandbox that is live or stopping, now, removing what the backend made for it."""
+    ended = []
+    for sandbox in Sandbox.objects.filter(state__in=[*ACTIVE_STATES, SandboxState.STOPPING]):
+        Sandbox.objects.filter(pk=sandbox.pk, state__in=ACTIVE_STATES).update(
+            state=SandboxState.STOPPING, end_reason=reason
+        )
+        sandbox_teardown(sandbox_id=sandbox.pk)
+        ended.append(sandbox.pk)
+    return ended
+
+
 @dataclass
 class ReapReport:
     idle: list[int] = field(default_factory=list)

@@ -14,6 +14,7 @@ from typing import Any
 import aiodocker
 import docker
 import docker.errors
+import redis
 import requests.exceptions
 from django.conf import settings
 
@@ -228,8 +229,14 @@ class DockerBackend(SandboxBackend):
             from sandbox.gateway.client import gateway_session_close, gateway_session_purge
 
             gateway_session_purge(session_id=session_id)
-            gateway_session_close(session_id=session_id)
         self._remove_network(state.get("network") or name)
+        if state.get("gateway"):
+            try:
+                gateway_session_close(session_id=session_id)
+            except redis.RedisError:
+                # The engine holds nothing of the session now; its record goes with the next teardown or
+                # with Redis itself.
+                log.warning("could not close the gateway session of %s", name, exc_info=True)
 
     def _remove_network(self, name: str) -> None:
         try:
