@@ -142,3 +142,16 @@ def test_a_sandbox_stopped_before_its_container_starts_stops_the_launch(
         services._advance = original_advance  # type: ignore[assignment]
     assert memory_backend.running == {}
     assert Sandbox.objects.get(pk=sandbox.pk).state == SandboxState.STOPPING
+
+
+def test_ending_the_site_ends_every_live_sandbox(memory_backend: type[MemoryBackend], lesson: Lesson) -> None:
+    live = _start(lesson, owner="anon-live")
+    stopping = _start(lesson, owner="anon-stopping")
+    services.sandbox_stop(sandbox=stopping, reason=EndReason.STOPPED)
+    assert sorted(services.sandbox_end_all(reason=EndReason.SHUTDOWN)) == sorted([live.pk, stopping.pk])
+    assert memory_backend.running == {}
+    live.refresh_from_db()
+    stopping.refresh_from_db()
+    assert (live.state, live.end_reason) == (SandboxState.ENDED, EndReason.SHUTDOWN)
+    assert (stopping.state, stopping.end_reason) == (SandboxState.ENDED, EndReason.STOPPED)
+    assert services.sandbox_end_all(reason=EndReason.SHUTDOWN) == []
