@@ -272,8 +272,9 @@ def test_an_idle_sandbox_is_ended_by_the_reaper_and_the_page_is_told(live_asgi: 
             )
             sandbox_reap_task.delay()
             assert await term.closed() == protocol.CLOSE_ENDED
-            assert term.states[-1]["reason"] == "idle"
-            assert term.states[-1]["message"] == "The sandbox was idle for too long."
+            assert {"state": "stopping", "reason": "idle", "message": "The sandbox was idle for too long."} in [
+                {key: status[key] for key in ("state", "reason", "message")} for status in term.states
+            ]
 
     asyncio.run(session())
     wait_until_ended(sandbox)
