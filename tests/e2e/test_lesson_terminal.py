@@ -3,6 +3,7 @@ the terminal, lose the page or the network and come back to the same shell."""
 
 import contextlib
 import re
+import secrets
 import shutil
 import socket
 import threading
@@ -118,12 +119,13 @@ def start_sandbox(page: Page) -> None:
 
 def shell_cols(page: Page) -> int:
     """What `tput cols` says once it agrees with the browser's terminal (a resize takes a moment to land)."""
-    for _ in range(20):
+    for attempt in range(20):
         cols = int(page.evaluate("() => window.layercakeTerminals[0].term.cols"))
-        text = run(page, "clear; tput cols", r"^\d+$")
-        if int(re.findall(r"^(\d+)$", text, re.M)[-1]) == cols:
+        marker = f"cols{secrets.token_hex(3)}"
+        text = run(page, f"echo {marker}=$(tput cols)", rf"^{marker}=\d+$")
+        if int(re.findall(rf"^{marker}=(\d+)$", text, re.M)[-1]) == cols:
             return cols
-        page.wait_for_timeout(100)
+        page.wait_for_timeout(100 * (attempt + 1))
     raise AssertionError("the shell never saw the browser's terminal size")
 
 
