@@ -6,6 +6,10 @@ session's socket in the directory the workstation already has mounted, and the s
 command works in the same shell. Published ports (`ports.py`) are synced when a session is served, on the
 engine's container events, whenever the event stream (re)connects, and every minute; they outlive a
 restart of the gateway and go only when their session closes.
+
+A session is served until its record's expiry and not a second longer, whatever else is running: at expiry
+its socket and port forwarders go (the reaper, or the workstation's own timer, removes the rest), and a
+connection that reaches it in between is answered that the sandbox has expired.
 """
 
 import asyncio
@@ -13,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -20,7 +25,7 @@ import redis.asyncio as aioredis
 from .config import GatewayConfig
 from .engine import Engine
 from .events import EventPublisher
-from .http import EngineStream
+from .http import ClientGone, EngineStream, HttpError, ServerSide
 from .ports import SYNC_SECONDS, PortForwards
 from .registry import SessionRecord
 from .session import IMAGE_LABEL, NAMESPACE, PORTS_LABEL, ROLE, SESSION, StudentGateway
@@ -39,12 +44,30 @@ CONTAINER_EVENTS = {
 PORTS_EVENTS = {"container.started", "container.stopped", "container.removed"}
 
 
+def expired(record: SessionRecord) -> bool:
+    return record.expires_at <= time.time()
+
+
+async def refuse_expired(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    side = ServerSide(reader, writer)
+    try:
+        if await side.next_request() is not None:
+            await side.respond_error(
+                HttpError(403, "this sandbox has expired; start a new one from the lesson page")
+            )
+    except (ClientGone, HttpError):
+        pass
+    finally:
+        await side.close()
+
+
 class SessionServer:
     def __init__(self, gateway: StudentGateway, server: asyncio.AbstractServer, path: Path) -> None:
         self.gateway = gateway
         self.server = server
         self.path = path
         self.connections: set[asyncio.Task[None]] = set()
+        self.expiry: asyncio.Task[None] | None = None
 
 
 class Gateway:
@@ -87,11 +110,12 @@ class Gateway:
                 log.warning("ignoring a malformed session record %r", key)
                 continue
             records[record.session_id] = record
-        for session_id, record in records.items():
+        live = {session_id: record for session_id, record in records.items() if not expired(record)}
+        for session_id, record in live.items():
             if session_id not in self.sessions or not self.sessions[session_id].path.exists():
                 await self.open_session(record)
         for session_id in list(self.sessions):
-            if session_id not in records:
+            if session_id not in live:
                 await self.close_session(session_id)
 
     async def _reconcile_forever(self) -> None:
@@ -128,11 +152,14 @@ class Gateway:
                 await asyncio.sleep(1)
 
     async def open_session(self, record: SessionRecord) -> None:
+        if expired(record):
+            return
         async with self._lock:
             existing = self.sessions.get(record.session_id)
             if existing is not None:
                 if existing.path.exists():
                     existing.gateway.record = record
+                    self._arm_expiry(existing)
                     return
                 await self._close(record.session_id, remove_dir=False)
             directory = self.config.session_dir(record.session_id)
@@ -151,6 +178,9 @@ class Gateway:
                 assert holder is not None and task is not None
                 holder.connections.add(task)  # type: ignore[arg-type]
                 try:
+                    if expired(holder.gateway.record):
+                        await refuse_expired(reader, writer)
+                        return
                     await holder.gateway.serve(reader, writer)
                 finally:
                     holder.connections.discard(task)  # type: ignore[arg-type]
@@ -163,9 +193,21 @@ class Gateway:
             os.chmod(staging, 0o660)
             os.replace(staging, path)
             holder = SessionServer(gateway, server, path)
+            self._arm_expiry(holder)
             self.sessions[record.session_id] = holder
             log.info("session %s: serving %s", record.session_id, path)
             self.ports.request_sync(record)
+
+    def _arm_expiry(self, holder: SessionServer) -> None:
+        if holder.expiry is not None:
+            holder.expiry.cancel()
+        holder.expiry = asyncio.create_task(self._close_at_expiry(holder, holder.gateway.record))
+
+    async def _close_at_expiry(self, holder: SessionServer, record: SessionRecord) -> None:
+        await asyncio.sleep(max(record.expires_at - time.time(), 0))
+        if self.sessions.get(record.session_id) is holder:
+            log.info("session %s: expired", record.session_id)
+            await self.close_session(record.session_id)
 
     async def close_session(self, session_id: int, *, remove_dir: bool = True) -> None:
         async with self._lock:
@@ -174,6 +216,8 @@ class Gateway:
     async def _close(self, session_id: int, *, remove_dir: bool) -> None:
         holder = self.sessions.pop(session_id, None)
         if holder is not None:
+            if holder.expiry is not None and holder.expiry is not asyncio.current_task():
+                holder.expiry.cancel()
             holder.server.close()
             for task in list(holder.connections):
                 task.cancel()
