@@ -144,6 +144,16 @@ class Answer:
         return str(data.get("message", "")) if isinstance(data, dict) else ""
 
 
+def dockerfile_context(dockerfile: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        data = dockerfile.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 @dataclass
 class StudentSession:
     session_id: int
@@ -192,6 +202,13 @@ class StudentSession:
                     raise
             return b"".join(chunks)
 
+    def build(self, dockerfile: str, tag: str = "") -> Answer:
+        """`docker build` of a context that holds only the Dockerfile, as the classic builder is asked."""
+        path = "/v1.41/build" + (f"?t={tag}" if tag else "")
+        return self.call(
+            "POST", path, body=dockerfile_context(dockerfile), headers={"Content-Type": "application/x-tar"}
+        )
+
     def run(self, image: str, cmd: list[str], name: str = "", **extra: Any) -> str:
         """Create and start a container as the docker CLI does; return its id."""
         path = "/v1.41/containers/create" + (f"?name={name}" if name else "")
@@ -226,7 +243,9 @@ def student_factory(gateway_process: GatewayProcess, engine: docker.APIClient) -
 
     opened: list[StudentSession] = []
 
-    def open_session(*, memory_budget_mb: int = 512, max_containers: int = 8) -> StudentSession:
+    def open_session(
+        *, memory_budget_mb: int = 512, max_containers: int = 8, expires_in: int = 3600
+    ) -> StudentSession:
         session_id = 2_000_000_000 + secrets.randbelow(100_000_000)
         network = f"{settings.SANDBOX_NAMESPACE}-sb-{session_id}"
         labels = {
@@ -240,7 +259,7 @@ def student_factory(gateway_process: GatewayProcess, engine: docker.APIClient) -
         session.directory = gateway_session_open(
             session_id=session_id,
             owner_key=f"owner-{session_id}",
-            expires_at=int(time.time()) + 3600,
+            expires_at=int(time.time()) + expires_in,
             memory_budget_mb=memory_budget_mb,
             max_containers=max_containers,
         )

@@ -53,3 +53,21 @@ def test_container_and_image_events(student: StudentSession, curated_image: str)
     finally:
         pubsub.close()
         client.close()
+
+
+def test_image_built_event(student: StudentSession, curated_image: str) -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    pubsub = client.pubsub()
+    pubsub.subscribe(f"{settings.SANDBOX_NAMESPACE}:events:{student.session_id}")
+    try:
+        pubsub.get_message(timeout=1)
+        answer = student.build(f"FROM {curated_image}\nRUN echo built > /built\n", tag="myapp")
+        assert answer.status == 200 and b"Successfully built" in answer.body, answer.body
+        image_id = student.call("GET", "/v1.41/images/myapp/json").json()["Id"]
+        seen = _collect(pubsub, {"image.built"})
+        built = next(e for e in seen if e["type"] == "image.built")
+        assert built["id"] == image_id
+        assert built["tags"] == ["myapp:latest"]
+    finally:
+        pubsub.close()
+        client.close()
