@@ -2,6 +2,8 @@
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -11,6 +13,19 @@ from django.conf import settings
 from .conftest import StudentSession
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
+
+
+@contextmanager
+def _subscribed(student: StudentSession) -> Iterator[Any]:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    pubsub = client.pubsub()
+    pubsub.subscribe(f"{settings.SANDBOX_NAMESPACE}:events:{student.session_id}")
+    try:
+        pubsub.get_message(timeout=1)
+        yield pubsub
+    finally:
+        pubsub.close()
+        client.close()
 
 
 def _collect(pubsub: Any, wanted: set[str], timeout: float = 20) -> list[dict[str, Any]]:
@@ -24,11 +39,7 @@ def _collect(pubsub: Any, wanted: set[str], timeout: float = 20) -> list[dict[st
 
 
 def test_container_and_image_events(student: StudentSession, curated_image: str) -> None:
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    pubsub = client.pubsub()
-    pubsub.subscribe(f"{settings.SANDBOX_NAMESPACE}:events:{student.session_id}")
-    try:
-        pubsub.get_message(timeout=1)
+    with _subscribed(student) as pubsub:
         container = student.run(curated_image, ["true"], name="web")
         assert student.call("POST", f"/containers/{container}/wait").status == 200
         assert student.call("POST", "/commit?container=web&repo=snap&tag=v1").status == 201
@@ -50,17 +61,10 @@ def test_container_and_image_events(student: StudentSession, curated_image: str)
         assert created["name"] == "web" and created["image"] == curated_image and created["id"] == container
         assert next(e for e in seen if e["type"] == "image.tagged")["tag"] == "snap:v2"
         assert next(e for e in seen if e["type"] == "container.stopped")["exit_code"] == 0
-    finally:
-        pubsub.close()
-        client.close()
 
 
 def test_image_built_event(student: StudentSession, curated_image: str) -> None:
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    pubsub = client.pubsub()
-    pubsub.subscribe(f"{settings.SANDBOX_NAMESPACE}:events:{student.session_id}")
-    try:
-        pubsub.get_message(timeout=1)
+    with _subscribed(student) as pubsub:
         answer = student.build(f"FROM {curated_image}\nRUN echo built > /built\n", tag="myapp")
         assert answer.status == 200 and b"Successfully built" in answer.body, answer.body
         image_id = student.call("GET", "/v1.41/images/myapp/json").json()["Id"]
@@ -68,6 +72,3 @@ def test_image_built_event(student: StudentSession, curated_image: str) -> None:
         built = next(e for e in seen if e["type"] == "image.built")
         assert built["id"] == image_id
         assert built["tags"] == ["myapp:latest"]
-    finally:
-        pubsub.close()
-        client.close()
