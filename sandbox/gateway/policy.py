@@ -27,11 +27,13 @@ that the feature is not available in the sandbox. For the endpoints that exist:
 * Commits take only the instructions docker allows minus ONBUILD, and never a label in layercake's space.
 """
 
+import bz2
 import io
+import lzma
 import posixpath
 import re
-import shlex
 import tarfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -599,25 +601,77 @@ COMMIT_INSTRUCTIONS = {"CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "USER", "V
 
 
 def commit_changes(changes: list[str]) -> list[str]:
-    kept: list[str] = []
-    for change in changes:
-        for line in change.splitlines():
-            if not line.strip():
-                continue
-            word = line.split(None, 1)[0].upper()
-            if word == "ONBUILD":
-                raise not_available("ONBUILD")
-            if word not in COMMIT_INSTRUCTIONS:
-                raise HttpError(400, f"{word} is not a valid change command")
-            if word == "LABEL" and LABEL_SPACE in line.lower():
-                raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox")
-            kept.append(line)
-    return kept
+    """The student's --change lines, read as the engine reads them: joined by newlines, as one Dockerfile."""
+    changes = [change for change in changes if change.strip()]
+    sentinel = "LABEL end-of-changes=1"
+    parsed = parse_dockerfile("\n".join([*changes, sentinel]))
+    *instructions, last = parsed.instructions
+    if last.start != len(parsed.lines) - 1:
+        raise HttpError(400, "a --change ends with a line continuation")
+    for instruction in instructions:
+        if instruction.word == "ONBUILD":
+            raise not_available("ONBUILD")
+        if instruction.word not in COMMIT_INSTRUCTIONS:
+            raise HttpError(400, f"{instruction.word} is not a valid change command")
+        if instruction.word == "LABEL" and mentions_reserved_label(
+            " ".join([*instruction.flags, instruction.args])
+        ):
+            raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox")
+    return changes
 
 
 # Builds.
+#
+# The engine reads a Dockerfile with its own Go parser. The checks below read it as that parser does, step for
+# step (lines, BOM, parser directives, comments, continuations glued without a space, the instruction word
+# split off at tabs too, flags read byte by byte), and refuse what its versions could read differently
+# instead of guessing: control characters and unusual white space, an escape directive past the first line,
+# a line ending in a doubled escape, non-ASCII in flags, quotes or escapes in an image name.
 
-BUILD_KEEP = {"t", "dockerfile", "q", "nocache", "rm", "forcerm", "buildargs", "target", "labels"}
+INSTRUCTIONS = frozenset(
+    [
+        "ADD",
+        "ARG",
+        "CMD",
+        "COPY",
+        "ENTRYPOINT",
+        "ENV",
+        "EXPOSE",
+        "FROM",
+        "HEALTHCHECK",
+        "LABEL",
+        "MAINTAINER",
+        "ONBUILD",
+        "RUN",
+        "SHELL",
+        "STOPSIGNAL",
+        "USER",
+        "VOLUME",
+        "WORKDIR",
+    ]
+)
+UNUSUAL_CHARACTERS_RE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]|\r(?!\n)"
+)
+DIRECTIVE_RE = re.compile(r"#[ \t]*([a-zA-Z][a-zA-Z0-9]*)[ \t]*=[ \t]*(.+?)[ \t]*")
+BLANKS_RE = re.compile(r"[ \t]+")
+# Read the same with or without the shell-like word processing docker applies to image names.
+PLAIN_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]*")
+FLAG_VALUE_RE = re.compile(r"[A-Za-z0-9_.:/@+=,-]*")
+STAGE_NAME_RE = re.compile(r"[a-z][a-z0-9-_.]*")
+STAGE_INDEX_RE = re.compile(r"[+-]?[0-9]+")
+QUOTES_AND_ESCAPES_RE = re.compile(r"[\"'\\`]")
+# Go's unicode.IsSpace applied to a single byte, as docker's flag reader does.
+GO_BYTE_SPACES = frozenset(b"\t\n\x0b\x0c\r \x85\xa0")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    start: int
+    end: int
+    word: str
+    flags: tuple[str, ...]
+    args: str
 
 
 @dataclass
@@ -626,83 +680,164 @@ class Dockerfile:
 
     lines: list[str]
     escape: str
-    instructions: list[tuple[int, int, str]]
+    instructions: list[Instruction]
 
     def rewrite(self, replacements: Mapping[int, str]) -> str:
+        by_start = {self.instructions[position].start: position for position in replacements}
         out: list[str] = []
         index = 0
-        by_start = {start: (end, text) for start, end, text in self.instructions}
         while index < len(self.lines):
-            if index in by_start and by_start[index][0] >= 0:
-                end, _text = by_start[index]
-                position = next(i for i, (s, _e, _t) in enumerate(self.instructions) if s == index)
-                if position in replacements:
-                    out.append(replacements[position])
-                    index = end + 1
-                    continue
-            out.append(self.lines[index])
-            index += 1
+            position = by_start.get(index)
+            if position is None:
+                out.append(self.lines[index])
+                index += 1
+                continue
+            out.append(replacements[position])
+            index = self.instructions[position].end + 1
         return "\n".join(out) + "\n"
 
 
 def parse_dockerfile(text: str) -> Dockerfile:
+    text = text.removeprefix("\ufeff")
+    if UNUSUAL_CHARACTERS_RE.search(text):
+        raise Refused("the Dockerfile holds control characters or unusual white space, which the sandbox refuses")
     lines = text.replace("\r\n", "\n").split("\n")
     escape = "\\"
-    directive_zone = True
-    instructions: list[tuple[int, int, str]] = []
+    first = DIRECTIVE_RE.fullmatch(lines[0].lstrip(" \t"))
+    if first and first.group(1).lower() == "escape":
+        if first.group(2) not in ("\\", "`"):
+            raise HttpError(400, f"invalid ESCAPE '{first.group(2)}'. Must be ` or \\")
+        escape = first.group(2)
+    for line in lines[1:]:
+        stripped = line.lstrip(" \t")
+        if not stripped.startswith("#"):
+            break
+        directive = DIRECTIVE_RE.fullmatch(stripped)
+        if directive and directive.group(1).lower() == "escape":
+            raise Refused("the escape parser directive must be the first line of the Dockerfile in the sandbox")
+    continuation = re.compile(re.escape(escape) + r"[ \t]*$")
+    doubled = re.compile(re.escape(escape) * 2 + r"[ \t]*$")
+
+    def continued(line: str) -> tuple[str, bool]:
+        if doubled.search(line):
+            raise Refused("a Dockerfile line ends in a doubled escape character, which docker reads two ways")
+        match = continuation.search(line)
+        return (line[: match.start()], False) if match else (line, True)
+
+    instructions: list[Instruction] = []
     index = 0
     while index < len(lines):
-        line = lines[index]
-        stripped = line.strip()
-        if directive_zone:
-            match = re.fullmatch(r"#\s*([a-zA-Z]+)\s*=\s*(\S+)\s*", stripped)
-            if match:
-                if match.group(1).lower() == "escape" and match.group(2) in ("\\", "`"):
-                    escape = match.group(2)
-                index += 1
-                continue
-            directive_zone = False
-        if not stripped or stripped.startswith("#"):
+        line = lines[index].lstrip(" \t")
+        start = index
+        if line.startswith("#"):
             index += 1
             continue
-        start = index
-        parts: list[str] = []
-        while True:
-            current = lines[index].rstrip()
-            if current.endswith(escape) and index + 1 < len(lines):
-                parts.append(current[: -len(escape)])
-                index += 1
-                while index < len(lines) and lines[index].strip().startswith("#"):
-                    index += 1
-                if index >= len(lines):
-                    break
+        content, ended = continued(line)
+        if ended and not content:
+            index += 1
+            continue
+        parts = [content]
+        while not ended and index + 1 < len(lines):
+            index += 1
+            raw = lines[index]
+            if raw.lstrip(" \t").startswith("#") or not raw.strip(" \t"):
                 continue
-            parts.append(current)
-            break
-        instructions.append((start, index, " ".join(part.strip() for part in parts if part.strip())))
+            content, ended = continued(raw)
+            parts.append(content)
+        instructions.append(_instruction(start, index, "".join(parts)))
         index += 1
     return Dockerfile(lines=lines, escape=escape, instructions=instructions)
 
 
-def _instruction_args(text: str) -> tuple[str, str]:
-    word, _, rest = text.strip().partition(" ")
-    return word.upper(), rest.strip()
+def _instruction(start: int, end: int, line: str) -> Instruction:
+    pieces = BLANKS_RE.split(line.strip(" \t"), maxsplit=1)
+    word = pieces[0]
+    if not re.fullmatch(r"[A-Za-z]+", word) or word.upper() not in INSTRUCTIONS:
+        raise HttpError(400, f"Dockerfile parse error line {start + 1}: unknown instruction: {word.upper()}")
+    flags, args = builder_flags(pieces[1]) if len(pieces) == 2 else ([], "")
+    return Instruction(start=start, end=end, word=word.upper(), flags=tuple(flags), args=args.strip(" \t"))
 
 
-def _json_or_words(rest: str) -> list[str]:
-    if rest.startswith("["):
-        import json
+def builder_flags(line: str) -> tuple[list[str], str]:
+    """Docker's leading `--flag` words and the rest of the line. Docker reads this byte by byte, quotes and
+    backslashes included, so it is done the same way here; a flag that is not plain ASCII is refused."""
+    data = line.encode()
+    words: list[bytes] = []
+    word = bytearray()
+    quote = 0
+    blank_ok = False
+    phase = "spaces"
+    pos = 0
+    while pos <= len(data):
+        at_end = pos == len(data)
+        ch = 0 if at_end else data[pos]
+        if phase == "spaces":
+            if at_end:
+                break
+            if ch in GO_BYTE_SPACES:
+                pos += 1
+                continue
+            if ch != ord("-") or pos + 1 == len(data) or data[pos + 1] != ord("-"):
+                return _flag_words(words), data[pos:].decode("utf-8", "replace")
+            phase = "word"
+        if at_end:
+            if word != b"--" and (blank_ok or word):
+                words.append(bytes(word))
+            break
+        if phase == "word":
+            if ch in GO_BYTE_SPACES:
+                phase = "spaces"
+                if word == b"--":
+                    return _flag_words(words), data[pos:].decode("utf-8", "replace")
+                if blank_ok or word:
+                    words.append(bytes(word))
+                word, blank_ok = bytearray(), False
+            elif ch in (ord("'"), ord('"')):
+                quote, blank_ok, phase = ch, True, "quote"
+            elif ch == ord("\\"):
+                if pos + 1 < len(data):
+                    pos += 1
+                    word.append(data[pos])
+            else:
+                word.append(ch)
+        elif ch == quote:
+            phase = "word"
+        elif ch == ord("\\"):
+            if pos + 1 == len(data):
+                phase = "word"
+            else:
+                pos += 1
+                word.append(data[pos])
+        else:
+            word.append(ch)
+        pos += 1
+    return _flag_words(words), ""
 
-        try:
-            value = json.loads(rest)
-        except ValueError:
-            value = None
-        if isinstance(value, list) and all(isinstance(item, str) for item in value):
-            return value
-    try:
-        return shlex.split(rest, posix=True)
-    except ValueError:
-        return rest.split()
+
+def _flag_words(words: list[bytes]) -> list[str]:
+    if any(not word.isascii() for word in words):
+        raise Refused("a Dockerfile flag holds non-ASCII characters, which the sandbox refuses")
+    return [word.decode() for word in words]
+
+
+def _flag(instruction: Instruction, flag: str) -> tuple[str, str]:
+    name, equals, value = flag.removeprefix("--").partition("=")
+    if not equals:
+        raise HttpError(400, f"Dockerfile parse error: missing a value on flag: {flag}")
+    if not FLAG_VALUE_RE.fullmatch(value):
+        raise Refused(f"the sandbox cannot check the {instruction.word} option {flag}: write it plainly")
+    return name, value
+
+
+def _stage_index(value: str) -> bool:
+    """Docker takes COPY --from=N as a stage index when N parses as a 64-bit integer, else as an image."""
+    return bool(STAGE_INDEX_RE.fullmatch(value)) and abs(int(value)) < 2**63
+
+
+def mentions_reserved_label(text: str) -> bool:
+    """Whether a LABEL's arguments could name a label in layercake's space once docker has removed its quotes
+    and escapes (or expanded a variable)."""
+    return LABEL_SPACE in QUOTES_AND_ESCAPES_RE.sub("", text).lower() or "$" in text
 
 
 @dataclass
@@ -718,57 +853,63 @@ def dockerfile_plan(text: str) -> DockerfilePlan:
     stages: set[str] = set()
     images: dict[int, str] = {}
     copy_from: dict[int, str] = {}
-    stage_count = 0
-    for position, (_start, _end, text_line) in enumerate(parsed.instructions):
-        word, rest = _instruction_args(text_line)
+    for position, instruction in enumerate(parsed.instructions):
+        word, args = instruction.word, instruction.args
         if word == "ONBUILD":
             raise not_available("ONBUILD in a Dockerfile")
         if word == "FROM":
-            args = rest.split()
-            args = [arg for arg in args if not arg.startswith("--platform")]
-            if any(arg.startswith("--") for arg in args):
-                raise not_available(f"the FROM option {args[0]}")
-            if not args:
+            for flag in instruction.flags:
+                if _flag(instruction, flag)[0] != "platform":
+                    raise not_available(f"the FROM option {flag.split('=')[0]}")
+            words = BLANKS_RE.split(args) if args else []
+            if not words:
                 raise HttpError(400, "Dockerfile parse error: FROM requires an argument")
-            image = args[0]
+            if len(words) not in (1, 3) or (len(words) == 3 and words[1].lower() != "as"):
+                raise HttpError(400, "Dockerfile parse error: FROM requires either one or three arguments")
+            image = words[0]
             if "$" in image:
                 raise not_available("a variable in FROM")
-            if len(args) >= 3 and args[1].lower() == "as":
-                stages.add(args[2].lower())
+            if not PLAIN_WORD_RE.fullmatch(image):
+                raise Refused(f"the sandbox cannot check the image {image!r}: write it without quotes or escapes")
             if image.lower() not in stages and image != "scratch":
                 images[position] = image
-            stage_count += 1
+            if len(words) == 3:
+                stage = words[2].lower()
+                if not STAGE_NAME_RE.fullmatch(stage):
+                    raise HttpError(400, f"invalid name for build stage: {words[2]!r}")
+                stages.add(stage)
         elif word in ("ADD", "COPY"):
-            words = _json_or_words(rest)
-            flags = [w for w in rest.split() if w.startswith("--")]
-            for flag in flags:
-                if flag.startswith("--from="):
-                    source = flag.removeprefix("--from=")
-                    if "$" in source:
+            for flag in instruction.flags:
+                name, value = _flag(instruction, flag)
+                if name == "from" and word == "COPY":
+                    if not PLAIN_WORD_RE.fullmatch(value):
                         raise not_available("a variable in COPY --from")
-                    if source.lower() not in stages and not source.isdigit():
-                        copy_from[position] = source
-                elif not flag.startswith("--chown=") and not flag.startswith("--chmod="):
-                    raise not_available(f"the {word} option {flag.split('=')[0]}")
-            sources = [w for w in words if not w.startswith("--")][:-1]
-            if word == "ADD":
-                for source in sources:
-                    if "://" in source or source.startswith("git@") or "$" in source:
-                        raise not_available("ADD of a URL or of a variable source (the daemon would fetch it)")
+                    if value.lower() not in stages and not _stage_index(value):
+                        copy_from[position] = value
+                elif name not in ("chown", "chmod"):
+                    raise not_available(f"the {word} option --{name}")
+            plain = QUOTES_AND_ESCAPES_RE.sub("", args)
+            if word == "ADD" and ("://" in plain or "git@" in plain or "$" in args):
+                raise not_available("ADD of a URL or of a variable source (the daemon would fetch it)")
+        elif word == "LABEL" and mentions_reserved_label(" ".join([*instruction.flags, args])):
+            raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox")
     return DockerfilePlan(dockerfile=parsed, images=images, copy_from=copy_from)
 
 
 def dockerfile_rewrite(plan: DockerfilePlan, resolved: Callable[[str], str]) -> str:
+    """The Dockerfile with its images named as the engine knows them (the FROM --platform option dropped)."""
     replacements: dict[int, str] = {}
     for position, image in plan.images.items():
-        _word, rest = _instruction_args(plan.dockerfile.instructions[position][2])
-        args = [arg for arg in rest.split() if not arg.startswith("--platform")]
-        args[0] = resolved(image)
-        replacements[position] = "FROM " + " ".join(args)
+        words = BLANKS_RE.split(plan.dockerfile.instructions[position].args)
+        words[0] = resolved(image)
+        replacements[position] = "FROM " + " ".join(words)
     for position, image in plan.copy_from.items():
-        word, rest = _instruction_args(plan.dockerfile.instructions[position][2])
-        rest = rest.replace(f"--from={image}", f"--from={resolved(image)}", 1)
-        replacements[position] = f"{word} {rest}"
+        instruction = plan.dockerfile.instructions[position]
+        flags = []
+        for flag in instruction.flags:
+            name, value = _flag(instruction, flag)
+            flags.append(f"--{name}={resolved(image) if name == 'from' else value}")
+        replacements[position] = " ".join([instruction.word, *flags, instruction.args])
     return plan.dockerfile.rewrite(replacements)
 
 
@@ -777,17 +918,73 @@ class BuildContext:
     dockerfile_name: str
     dockerfile_text: str
     member_name: str
+    tar: bytes
 
 
-def build_context_dockerfile(context: bytes, dockerfile: str) -> BuildContext:
+def build_context_tar(context: bytes, *, limit: int) -> bytes:
+    """The context as a plain tar. Docker accepts gzip, bzip2 and xz; they are expanded here, never beyond
+    `limit`, since a small archive can expand without bound."""
+    if context.startswith(b"\x1f\x8b"):
+        return _expand_gzip(context, limit=limit)
+    for magic, make in ((b"BZh", bz2.BZ2Decompressor), (b"\xfd7zXZ\x00", lzma.LZMADecompressor)):
+        if context.startswith(magic):
+            return _expand(context, make, limit=limit)
+    return context
+
+
+def _too_large(limit: int) -> HttpError:
+    return HttpError(413, f"the build context expands beyond the sandbox's limit ({limit} bytes)")
+
+
+def _expand_gzip(data: bytes, *, limit: int) -> bytes:
+    out = bytearray()
+    try:
+        while data:
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out += decompressor.decompress(data, limit + 1 - len(out))
+            if len(out) > limit or decompressor.unconsumed_tail:
+                raise _too_large(limit)
+            if not decompressor.eof:
+                raise HttpError(400, "the build context is a truncated gzip archive")
+            data = decompressor.unused_data
+    except zlib.error as exc:
+        raise HttpError(400, "the build context is not a valid gzip archive") from exc
+    return bytes(out)
+
+
+def _expand(data: bytes, make: Callable[[], Any], *, limit: int) -> bytes:
+    out = bytearray()
+    try:
+        while data:
+            decompressor = make()
+            out += decompressor.decompress(data, max_length=limit + 1 - len(out))
+            if len(out) > limit or (not decompressor.eof and not decompressor.needs_input):
+                raise _too_large(limit)
+            if not decompressor.eof:
+                raise HttpError(400, "the build context is a truncated archive")
+            data = decompressor.unused_data
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise HttpError(400, "the build context is not a valid compressed archive") from exc
+    return bytes(out)
+
+
+def build_context_dockerfile(context: bytes, dockerfile: str, *, limit: int) -> BuildContext:
     """Find the Dockerfile in a tar context (gzip, bzip2 or xz allowed, as docker allows them)."""
+    plain = build_context_tar(context, limit=limit)
     wanted = posixpath.normpath(dockerfile or "Dockerfile").lstrip("/")
     try:
-        archive = tarfile.open(fileobj=io.BytesIO(context), mode="r:*")  # noqa: SIM115
+        archive = tarfile.open(fileobj=io.BytesIO(plain), mode="r:")  # noqa: SIM115
     except tarfile.TarError as exc:
         raise HttpError(400, "the build context is not a tar archive") from exc
     with archive:
         members = {posixpath.normpath(m.name).lstrip("/"): m for m in archive.getmembers()}
+        # The engine unpacks the context before reading the Dockerfile; a path through a symbolic link would
+        # let a later member replace the Dockerfile checked here.
+        symlinks = {name for name, member in members.items() if member.issym()}
+        for name in members:
+            parts = name.split("/")
+            if any("/".join(parts[:end]) in symlinks for end in range(1, len(parts))):
+                raise Refused(f"the build context holds a path through a symbolic link ({name}); copy the files")
         candidates = [wanted] if dockerfile else ["Dockerfile", "dockerfile"]
         for name in candidates:
             member = members.get(name)
@@ -800,7 +997,7 @@ def build_context_dockerfile(context: bytes, dockerfile: str) -> BuildContext:
             handle = archive.extractfile(member)
             assert handle is not None
             text = handle.read().decode("utf-8", "replace")
-            return BuildContext(dockerfile_name=name, dockerfile_text=text, member_name=member.name)
+            return BuildContext(dockerfile_name=name, dockerfile_text=text, member_name=member.name, tar=plain)
     raise HttpError(
         500,
         f"Cannot locate specified Dockerfile: {dockerfile or 'Dockerfile'}",
@@ -811,7 +1008,7 @@ def build_context_replace(context: bytes, *, member_name: str, text: str) -> byt
     out = io.BytesIO()
     data = text.encode()
     with (
-        tarfile.open(fileobj=io.BytesIO(context), mode="r:*") as source,
+        tarfile.open(fileobj=io.BytesIO(context), mode="r:") as source,
         tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as target,
     ):
         for member in source.getmembers():

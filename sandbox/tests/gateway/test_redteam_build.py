@@ -1,0 +1,110 @@
+"""Builds that read one way to a naive parser and another to the engine's: each would reach another student's
+image (FROM or COPY --from), forge a reserved label, or hide ONBUILD, and each is refused."""
+
+import io
+import tarfile
+from typing import Any
+from urllib.parse import quote
+
+import docker
+import pytest
+
+from .conftest import StudentSession, owned_objects
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
+
+
+def _context(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in files.items():
+            if name in (symlinks or {}):
+                link = tarfile.TarInfo(name)
+                link.type = tarfile.SYMTYPE
+                link.linkname = (symlinks or {})[name]
+                archive.addfile(link)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _build(student: StudentSession, context: bytes, query: str = "t=probe") -> Any:
+    return student.call(
+        "POST", f"/v1.41/build?{query}", body=context, headers={"Content-Type": "application/x-tar"}
+    )
+
+
+@pytest.fixture
+def other_image(student_factory: Any, curated_image: str) -> str:
+    """Another student's image, the target of the tricks below."""
+    alice: StudentSession = student_factory()
+    built = _build(alice, _context({"Dockerfile": f"FROM {curated_image}\nRUN echo alice > /secret\n".encode()}))
+    assert built.status == 200 and b"Successfully built" in built.body, built.body
+    return str(alice.call("GET", "/v1.41/images/probe/json").json()["Id"])
+
+
+TRICKS = {
+    "byte-order mark": "\ufeffFROM {other}\n",
+    "tab after FROM": "FROM\t{other}\n",
+    "instruction word split by a continuation": "FR\\\nOM {other}\n",
+    "vertical tab after the continuation": "FROM {curated}\nRUN true \\\x0b\nFROM {other}\n",
+    "escape directive after an unknown one": "# foo=bar\n# escape=`\nFROM {curated}\nRUN true `\nFROM {other}\n",
+    "flag after a byte docker reads as a space": "FROM {curated}\nCOPY --chown=0\u00e0--from={other} /secret /s\n",
+    "COPY --from split by a continuation": "FROM {curated}\nCOPY --fr\\\nom={other} /secret /s\n",
+    "ONBUILD with a dotted capital I": "FROM {curated}\nONBU\u0130LD RUN true\n",
+    "reserved label behind an escape": "FROM {curated}\nLABEL layercake\\.role=workstation\n",
+    "reserved label behind quotes": 'FROM {curated}\nLABEL layer"cake.ro"le=workstation\n',
+    "ADD of a URL behind an escape": "FROM {curated}\nADD http\\://127.0.0.1:9/x /x\n",
+    "image ID prefix that names its own stage": "FROM {short} AS {short}\n",
+}
+
+
+@pytest.mark.parametrize("trick", TRICKS, ids=list(TRICKS))
+def test_dockerfile_read_as_the_engine_reads_it(
+    student: StudentSession, other_image: str, curated_image: str, engine: docker.APIClient, trick: str
+) -> None:
+    short = other_image.removeprefix("sha256:")[:12]
+    dockerfile = TRICKS[trick].format(other=other_image, curated=curated_image, short=short)
+    answer = _build(student, _context({"Dockerfile": dockerfile.encode()}))
+    assert answer.status in (400, 403, 404), answer.body
+    assert b"Successfully built" not in answer.body, answer.body
+    assert owned_objects(engine, student)["images"] == []
+
+
+def test_dockerfile_replaced_through_a_symlinked_directory_is_refused(
+    student: StudentSession, other_image: str, curated_image: str, engine: docker.APIClient
+) -> None:
+    context = _context(
+        {
+            "Dockerfile": f"FROM {curated_image}\n".encode(),
+            "sub": b"",
+            "sub/Dockerfile": f"FROM {other_image}\n".encode(),
+        },
+        symlinks={"sub": "."},
+    )
+    answer = _build(student, context)
+    assert answer.status == 403 and "symbolic link" in answer.message, answer.body
+    assert owned_objects(engine, student)["images"] == []
+
+
+def test_compressed_context_is_expanded_within_the_limit(student: StudentSession, curated_image: str) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)
+    answer = _build(student, bomb)
+    assert answer.status == 413, answer.body
+    small = gzip.compress(_context({"Dockerfile": f"FROM {curated_image}\nLABEL ok=1\n".encode()}))
+    built = _build(student, small)
+    assert built.status == 200 and b"Successfully tagged probe:latest" in built.body, built.body
+
+
+def test_commit_cannot_forge_a_reserved_label(
+    student: StudentSession, curated_image: str, engine: docker.APIClient
+) -> None:
+    container = student.run(curated_image, ["true"])
+    for change in ("LABEL layercake\\.role=workstation", 'LABEL "layer""cake.role"=workstation'):
+        answer = student.call("POST", f"/v1.41/commit?container={container}&changes={quote(change)}")
+        assert answer.status == 403 and "reserved" in answer.message, answer.body
+    assert owned_objects(engine, student)["images"] == []
