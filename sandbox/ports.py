@@ -3,7 +3,7 @@
 The gateway keeps each session's published ports in Redis (`sandbox/gateway/ports.py`); these views read only
 that, never the engine. `port_proxy` connects from this machine to the container's address on the session's
 network (the host firewall drops new connections *from* sandbox bridges, not replies to this machine's own)
-and relays one HTTP exchange, GET or HEAD, streamed and capped in size.
+and relays one HTTP exchange, GET or HEAD, streamed, capped in size and in time, a few at once per sandbox.
 
 What a student's container serves is untrusted, and it is served from the site's own origin, so: only the
 sandbox's owner can open it (anyone else gets 404, as for a sandbox that does not exist); it is sandboxed as
@@ -17,12 +17,13 @@ page work and links starting with "/" leave it (redirects are rewritten); pages,
 while POSTs and the page's own fetch() calls do not (an opaque origin's requests carry no session cookie).
 """
 
+import asyncio
 import functools
 import ipaddress
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import quote, urlsplit
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 
 PROXY_BODY_MAX = 32 * 1024 * 1024
 PROXY_TIMEOUT = httpx.Timeout(15.0, connect=3.0)
+# A whole exchange, headers and body, ends by then: a server that drips a byte now and then would otherwise
+# hold a connection of this process for as long as it likes.
+PROXY_DEADLINE = 120.0
+# Exchanges one sandbox may have in flight in this process (a browser opens six per host): one student cannot
+# take every connection this process can hold.
+PROXY_PER_SANDBOX = 8
 FORWARD_HEADERS = ("accept", "accept-language", "accept-encoding", "user-agent", "range")
 PASS_HEADERS = (
     "content-type",
@@ -200,10 +207,49 @@ def _location(value: str, *, prefix: str, port: PublishedPort) -> str:
     return value
 
 
-async def _relay(client: httpx.AsyncClient, upstream: httpx.Response, *, limit: int) -> AsyncIterator[bytes]:
+# Per sandbox, the deadlines of its exchanges in flight. One whose end was never seen (a response dropped
+# before its body started) stops counting at its deadline.
+_in_flight: dict[int, list[float]] = {}
+
+
+def _admit(sandbox_id: int, deadline: float) -> bool:
+    now = asyncio.get_running_loop().time()
+    live = [d for d in _in_flight.get(sandbox_id, ()) if d > now]
+    admitted = len(live) < PROXY_PER_SANDBOX
+    if admitted:
+        live.append(deadline)
+    _in_flight[sandbox_id] = live
+    return admitted
+
+
+def _release(sandbox_id: int, deadline: float) -> None:
+    live = _in_flight.get(sandbox_id, [])
+    if deadline in live:
+        live.remove(deadline)
+    if not live:
+        _in_flight.pop(sandbox_id, None)
+
+
+async def _relay(
+    client: httpx.AsyncClient,
+    upstream: httpx.Response,
+    *,
+    limit: int,
+    deadline: float,
+    release: Callable[[], None],
+) -> AsyncIterator[bytes]:
     sent = 0
+    chunks = upstream.aiter_raw()
     try:
-        async for chunk in upstream.aiter_raw():
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                log.info("cut a proxied response at its deadline")
+                return
             if sent + len(chunk) > limit:
                 log.info("cut a proxied response at %s bytes", limit)
                 yield chunk[: limit - sent]
@@ -213,6 +259,7 @@ async def _relay(client: httpx.AsyncClient, upstream: httpx.Response, *, limit: 
     except httpx.HTTPError as exc:
         log.info("a proxied response broke off: %s", exc)
     finally:
+        release()
         await upstream.aclose()
         await client.aclose()
 
@@ -237,16 +284,29 @@ async def port_proxy(request: HttpRequest, pk: int, port: int, path: str = "") -
     headers["Host"] = f"localhost:{port}"
     headers["X-Forwarded-Prefix"] = prefix
     url = httpx.URL(scheme="http", host=published.address, port=published.container_port, raw_path=target.encode())
+    deadline = asyncio.get_running_loop().time() + PROXY_DEADLINE
+    if not _admit(sandbox.pk, deadline):
+        busy = _plain(503, "This sandbox's ports are answering as many requests as they may. Try again shortly.")
+        busy["Retry-After"] = "5"
+        return busy
+    release = functools.partial(_release, sandbox.pk, deadline)
     client = httpx.AsyncClient(timeout=PROXY_TIMEOUT, trust_env=False, follow_redirects=False)
+
+    async def give_up(status: int, message: str) -> HttpResponse:
+        release()
+        await client.aclose()
+        return _plain(status, message)
+
     try:
         outgoing = client.build_request(request.method or "GET", url, headers=headers)
-        upstream = await client.send(outgoing, stream=True)
-    except httpx.TimeoutException:
-        await client.aclose()
-        return _plain(504, f"Port {published.container_port} of {published.container} did not answer in time.")
+        async with asyncio.timeout_at(deadline):
+            upstream = await client.send(outgoing, stream=True)
+    except (httpx.TimeoutException, TimeoutError):
+        return await give_up(
+            504, f"Port {published.container_port} of {published.container} did not answer in time."
+        )
     except httpx.HTTPError:
-        await client.aclose()
-        return _plain(
+        return await give_up(
             502,
             f"Nothing answers on port {published.container_port} of {published.container}. Is the server in the "
             f"container running, and listening on 0.0.0.0:{published.container_port}?",
@@ -254,14 +314,14 @@ async def port_proxy(request: HttpRequest, pk: int, port: int, path: str = "") -
     length = upstream.headers.get("content-length", "")
     if length.isdigit() and int(length) > PROXY_BODY_MAX:
         await upstream.aclose()
-        await client.aclose()
-        return _plain(502, f"The page is larger than the {PROXY_BODY_MAX:,} bytes this proxy relays.")
+        return await give_up(502, f"The page is larger than the {PROXY_BODY_MAX:,} bytes this proxy relays.")
     if request.method == "HEAD":
         await upstream.aclose()
+        release()
         await client.aclose()
         response: HttpResponseBase = HttpResponse(status=upstream.status_code)
     else:
-        body = _relay(client, upstream, limit=PROXY_BODY_MAX)
+        body = _relay(client, upstream, limit=PROXY_BODY_MAX, deadline=deadline, release=release)
         response = StreamingHttpResponse(body, status=upstream.status_code)
     if length.isdigit():
         response["Content-Length"] = length

@@ -1,14 +1,19 @@
 """The lesson page's view of published ports, from the record the gateway keeps in Redis. The proxy's path
 to a real container is tested against the engine in tests/gateway/test_ports.py; here, what it refuses."""
 
+import asyncio
+import contextlib
 import http.server
 import json
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import docker
+import httpx
 import pytest
 import redis
 from django.conf import settings
@@ -18,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from sandbox.models import Sandbox, SandboxState
-from sandbox.ports import PublishedPort, _location, _parse
+from sandbox.ports import PROXY_PER_SANDBOX, PublishedPort, _location, _parse
 
 pytestmark = [pytest.mark.redis]
 
@@ -174,3 +179,83 @@ async def test_the_proxy_refuses_what_it_must_not_relay(records: Any) -> None:
         assert (await client.post(url)).status_code == 405
     finally:
         listener.close()
+
+
+# A web server that answers at once, then sends one byte a second for as long as the connection lasts.
+DRIP = (
+    "#!/bin/sh\n"
+    "printf 'HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n'\n"
+    "while :; do printf x; sleep 1; done\n"
+)
+
+
+@pytest.fixture
+def dripping_web(engine_cleanup: None) -> Iterator[str]:
+    """The address of a dripping web server (port 8000) in a container on a network of this test's own."""
+    labels = {"layercake.managed": "1", "layercake.namespace": settings.SANDBOX_NAMESPACE}
+    engine = docker.APIClient(base_url=settings.SANDBOX_DOCKER_URL, timeout=60)
+    name = f"{settings.SANDBOX_NAMESPACE}-drip"
+    network = engine.create_network(name, driver="bridge", internal=True, labels=labels)["Id"]
+    try:
+        container = engine.create_container(
+            "layercake/workstation:latest",
+            [
+                "sh",
+                "-c",
+                'printf "%s" "$DRIP" > /tmp/drip && chmod +x /tmp/drip && exec socat '
+                "TCP-LISTEN:8000,fork,reuseaddr EXEC:/tmp/drip",
+            ],
+            name=name,
+            environment={"DRIP": DRIP},
+            labels=labels,
+            host_config=engine.create_host_config(network_mode=name, mem_limit="64m"),
+        )["Id"]
+        engine.start(container)
+        yield engine.inspect_container(container)["NetworkSettings"]["Networks"][name]["IPAddress"]
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            engine.remove_container(name, force=True)
+        with contextlib.suppress(docker.errors.APIError):
+            engine.remove_network(network)
+        engine.close()
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_a_dripping_port_is_cut_at_a_deadline_and_cannot_hold_every_connection(
+    live_asgi: str, dripping_web: str, records: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = _user("owner")
+    sandbox = _sandbox(owner)
+    records(sandbox, [{**WEB, "container_port": 8000, "address": dripping_web}])
+    browser = Client()
+    browser.force_login(owner)
+    url = f"http://{live_asgi}" + reverse("sandbox:port", kwargs={"pk": sandbox.pk, "port": 8080})
+    cookies = {"sessionid": browser.cookies["sessionid"].value}
+
+    async def session() -> None:
+        async with httpx.AsyncClient(cookies=cookies, timeout=30) as http:
+            monkeypatch.setattr("sandbox.ports.PROXY_DEADLINE", 3.0)
+            started = time.monotonic()
+            cut = await asyncio.wait_for(http.get(url), 20)
+            assert cut.status_code == 200 and cut.text.startswith("x")
+            assert time.monotonic() - started < 10
+
+            monkeypatch.setattr("sandbox.ports.PROXY_DEADLINE", 60.0)
+            async with contextlib.AsyncExitStack() as held:
+                streams = [
+                    await held.enter_async_context(http.stream("GET", url)) for _ in range(PROXY_PER_SANDBOX)
+                ]
+                assert [s.status_code for s in streams] == [200] * PROXY_PER_SANDBOX
+                async with http.stream("GET", url) as one_more:
+                    assert one_more.status_code == 503 and one_more.headers["Retry-After"] == "5"
+            # The browser let them go: the slots are free again.
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.stream("GET", url) as again:
+                    if again.status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the proxy never let go of the closed exchanges"
+                await asyncio.sleep(0.2)
+
+    asyncio.run(session())
