@@ -66,3 +66,20 @@ def test_only_the_owner_can_see_or_stop_a_sandbox(lesson: Lesson, django_capture
     assert stranger.get(f"/sandbox/{sandbox.pk}/").status_code == 404
     assert stranger.post(f"/sandbox/{sandbox.pk}/stop/").status_code == 404
     assert owner.get(f"/sandbox/{sandbox.pk}/").status_code == 200
+
+
+@override_settings(SANDBOX_PER_OWNER=2)
+def test_one_owner_cannot_fill_the_host(lesson: Lesson, django_capture_on_commit_callbacks) -> None:  # type: ignore[no-untyped-def]
+    for slug in ("two", "three"):
+        Lesson.objects.create(slug=slug, title=slug.title(), body="text")
+    student = Client()
+    with django_capture_on_commit_callbacks(execute=False):
+        for slug in ("one", "two"):
+            assert student.post("/sandbox/start/", {"lesson": slug}, HTTP_HX_REQUEST="true").status_code == 200
+        refused = student.post("/sandbox/start/", {"lesson": "three"}, HTTP_HX_REQUEST="true")
+        assert refused.status_code == 429
+        assert "You already have 2 sandboxes running (“Two”, “One”)" in refused.content.decode()
+        # The sandbox the owner already has is theirs to come back to, and another student is not held back.
+        assert student.post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true").status_code == 200
+        assert Client().post("/sandbox/start/", {"lesson": "three"}, HTTP_HX_REQUEST="true").status_code == 200
+    assert Sandbox.objects.count() == 3
