@@ -17,6 +17,8 @@ import h11
 
 READ_SIZE = 65536
 MAX_HEADER_BYTES = 32 * 1024
+# A connection that sends no complete request head for this long is closed (an idle keep-alive too).
+HEAD_TIMEOUT = 300.0
 
 
 class HttpError(Exception):
@@ -129,7 +131,10 @@ class ServerSide:
         """The next request's head, or None when the student closed the connection between requests."""
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
-        event = await self._next_event()
+        try:
+            event = await asyncio.wait_for(self._next_event(), HEAD_TIMEOUT)
+        except TimeoutError as exc:
+            raise ClientGone() from exc
         if isinstance(event, h11.ConnectionClosed):
             return None
         if not isinstance(event, h11.Request):

@@ -42,6 +42,10 @@ IMAGE_LABEL = "layercake.image"
 PORTS_LABEL = "layercake.ports"
 MB = 1024 * 1024
 VERSION_RE = re.compile(r"^/v(\d+)\.(\d+)(/.*)$")
+# One student's sandbox needs a handful of connections; a cap keeps one from using up the gateway's files.
+MAX_CONNECTIONS = 64
+# Builds hold their whole context in memory while it is checked.
+MAX_CONCURRENT_BUILDS = 2
 PASS_HEADERS = ("content-type", "api-version", "docker-experimental", "ostype", "server")
 
 _ADJECTIVES_WORDS = (
@@ -97,6 +101,21 @@ def publishes(container: dict[str, Any]) -> bool:
 
 def strip_labels(labels: dict[str, str] | None) -> dict[str, str]:
     return {k: v for k, v in (labels or {}).items() if not k.startswith("layercake.")}
+
+
+def hide_host_paths(detail: dict[str, Any]) -> dict[str, Any]:
+    """Where the engine keeps an object on the host is none of the student's business (and info hides it)."""
+    if isinstance(detail.get("GraphDriver"), dict):
+        detail["GraphDriver"] = {"Name": detail["GraphDriver"].get("Name", ""), "Data": None}
+    for key in ("ResolvConfPath", "HostnamePath", "HostsPath", "LogPath"):
+        if key in detail:
+            detail[key] = ""
+    for mount in detail.get("Mounts") or []:
+        if isinstance(mount, dict) and mount.get("Type") == "volume":
+            mount["Source"] = ""
+    if "Mountpoint" in detail:
+        detail["Mountpoint"] = ""
+    return detail
 
 
 def short_id(image_id: str) -> str:
@@ -190,6 +209,10 @@ class StudentGateway:
             shm_max=config.shm_max_mb * MB,
         )
         self.routes = self._routes()
+        self.connections = 0
+        # Checking the budget and creating under one lock, or two requests at once would both fit.
+        self.budget_lock = asyncio.Lock()
+        self.builds = asyncio.Semaphore(MAX_CONCURRENT_BUILDS)
 
     # Routing.
 
@@ -268,6 +291,10 @@ class StudentGateway:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         side = ServerSide(reader, writer)
+        if self.connections >= MAX_CONNECTIONS:
+            await side.close()
+            return
+        self.connections += 1
         try:
             while True:
                 try:
@@ -287,6 +314,7 @@ class StudentGateway:
         except Exception:
             log.exception("session %s: request failed", self.record.session_id)
         finally:
+            self.connections -= 1
             await side.close()
 
     async def _dispatch(self, side: ServerSide, request: Request) -> bool:
@@ -316,14 +344,21 @@ class StudentGateway:
                 )
                 return False
             path = match.group(3)
+        request.path = path
         found = self._match(request.method, path)
         if found is None:
             await self._drain_and_fail(side, self._denied(request.method, path))
             return False
         route, params = found
-        limit = self.config.build_context_max if route.body_limit == "build" else self.config.json_body_max
+        if route.body_limit == "build":
+            async with self.builds:
+                return await self._handle(side, request, route, params, self.config.build_context_max)
+        return await self._handle(side, request, route, params, self.config.json_body_max)
+
+    async def _handle(
+        self, side: ServerSide, request: Request, route: Route, params: dict[str, str], limit: int
+    ) -> bool:
         request.body = await side.read_body(limit)
-        request.path = path
         try:
             await route.handler(side, request, **params)
         except BadReference as exc:
@@ -592,7 +627,9 @@ class StudentGateway:
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
         if attributes.get(SESSION) != str(self.record.session_id):
             return None
-        if event.get("Type") == "container" and attributes.get(ROLE) != "student":
+        if event.get("Type") == "container" and (
+            attributes.get(ROLE) != "student" or attributes.get(NAMESPACE) != self.config.namespace
+        ):
             return None
         if attributes.get(IMAGE_LABEL) and "image" in attributes:
             attributes["image"] = attributes[IMAGE_LABEL]
@@ -643,7 +680,7 @@ class StudentGateway:
         containers = await self.engine.json("GET", "/containers/json", query=query) or []
         views = [self._container_view(c) for c in containers]
         if names:
-            patterns = [re.compile(n) for n in names]
+            patterns = [policy.NamePattern(n) for n in names]
             views = [v for v in views if any(p.search(name) for p in patterns for name in v["Names"])]
         limit = request.arg("limit")
         if limit.lstrip("-").isdigit() and int(limit) > 0:
@@ -671,6 +708,12 @@ class StudentGateway:
         else:
             name, engine_name = await self._random_name()
         image = await self.resolve_image(plan.image)
+        async with self.budget_lock:
+            await self._create_within_budget(side, plan, name=name, engine_name=engine_name, image=image)
+
+    async def _create_within_budget(
+        self, side: ServerSide, plan: policy.CreatePlan, *, name: str, engine_name: str, image: ImageView
+    ) -> None:
         containers = await self.own_containers()
         if len(containers) >= self.record.max_containers:
             raise policy.Refused(
@@ -761,6 +804,7 @@ class StudentGateway:
         detail = await self.engine.json(
             "GET", f"/containers/{container['Id']}/json", query={"size": "1"} if request.flag("size") else None
         )
+        hide_host_paths(detail)
         labels = (detail.get("Config") or {}).get("Labels") or {}
         detail["Name"] = self.namer.plain(detail.get("Name", ""))
         if labels.get(IMAGE_LABEL):
@@ -861,15 +905,16 @@ class StudentGateway:
     async def container_update(self, side: ServerSide, request: Request, ref: str) -> None:
         container = await self.resolve_container(ref)
         plan = policy.container_update_plan(body=request.json(), limits=self.limits)
-        if plan.memory is not None:
-            used = await self._own_memory(exclude=container["Id"])
-            budget = self.record.memory_budget_mb * MB
-            if used + plan.memory > budget:
-                raise policy.Refused(
-                    f"your sandbox's containers may use {budget // MB} MB of memory in total; "
-                    f"the others already use {used // MB} MB"
-                )
-        response = await self.engine.call("POST", f"/containers/{container['Id']}/update", payload=plan.body)
+        async with self.budget_lock:
+            if plan.memory is not None:
+                used = await self._own_memory(exclude=container["Id"])
+                budget = self.record.memory_budget_mb * MB
+                if used + plan.memory > budget:
+                    raise policy.Refused(
+                        f"your sandbox's containers may use {budget // MB} MB of memory in total; "
+                        f"the others already use {used // MB} MB"
+                    )
+            response = await self.engine.call("POST", f"/containers/{container['Id']}/update", payload=plan.body)
         await self._respond_engine(side, response)
 
     async def container_remove(self, side: ServerSide, request: Request, ref: str) -> None:
@@ -1059,7 +1104,7 @@ class StudentGateway:
 
     async def image_inspect(self, side: ServerSide, request: Request, ref: str) -> None:
         view = await self.resolve_image(ref)
-        detail = await self.engine.json("GET", f"/images/{view.id}/json")
+        detail = hide_host_paths(await self.engine.json("GET", f"/images/{view.id}/json"))
         detail["RepoTags"] = self._visible_tags(view)
         detail["RepoDigests"] = (
             [d for d in detail.get("RepoDigests") or [] if not is_student_repo_tag(d)] if view.curated else []
@@ -1340,7 +1385,7 @@ class StudentGateway:
 
     def _volume_view(self, volume: dict[str, Any]) -> dict[str, Any]:
         volume["Labels"] = strip_labels(volume.get("Labels")) or None
-        return volume
+        return hide_host_paths(volume)
 
     async def _own_volume(self, name: str) -> dict[str, Any]:
         try:

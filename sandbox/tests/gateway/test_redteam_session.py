@@ -1,0 +1,110 @@
+"""One student against the gateway itself and against the sandbox's budget: nothing a student sends may stall
+the gateway for the others, raise the budget by racing it, or show where the engine keeps things on the host."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import quote
+
+import docker
+import pytest
+
+from .conftest import StudentSession, owned_objects
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
+
+
+def _list(student: StudentSession, **filters: list[str]) -> Any:
+    return student.call("GET", "/v1.41/containers/json?all=1&filters=" + quote(json.dumps(filters)))
+
+
+def test_name_filters_match_as_docker_does_without_backtracking(student_factory: Any, curated_image: str) -> None:
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+    alice.call("POST", "/v1.41/containers/create?name=" + "a" * 40, {"Image": curated_image, "Cmd": ["true"]})
+    alice.call("POST", "/v1.41/containers/create?name=web", {"Image": curated_image, "Cmd": ["true"]})
+    for pattern, names in (("web", ["/web"]), ("^/w.b$", ["/web"]), ("^/a+$", ["/" + "a" * 40]), ("x*", None)):
+        listed = sorted(c["Names"][0] for c in _list(alice, name=[pattern]).json())
+        assert listed == (names or sorted(["/web", "/" + "a" * 40])), pattern
+
+    answers: list[Any] = []
+    attack = threading.Thread(target=lambda: answers.append(_list(alice, name=["^/(a+)+b"])))
+    attack.start()
+    started = time.monotonic()
+    assert bob.call("GET", "/_ping").status == 200
+    assert time.monotonic() - started < 2
+    attack.join(timeout=30)
+    assert answers and answers[0].status == 400 and "cannot match" in answers[0].message
+
+
+def test_concurrent_creates_cannot_pass_the_budget_together(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    student = student_factory(memory_budget_mb=128, max_containers=2)
+
+    def create(_index: int) -> int:
+        return student.call(
+            "POST", "/v1.41/containers/create", {"Image": curated_image, "HostConfig": {"Memory": 60 * 1024**2}}
+        ).status
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(create, range(6)))
+    assert statuses.count(201) == 2, statuses
+    assert len(owned_objects(engine, student)["containers"]) == 2
+
+
+def test_one_student_cannot_hold_every_connection(student_factory: Any) -> None:
+    greedy: StudentSession = student_factory()
+    other: StudentSession = student_factory()
+    held = []
+    try:
+        for _ in range(200):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(greedy.socket))
+            sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\n")  # never finishes its head
+            held.append(sock)
+        time.sleep(0.5)
+        refused = 0
+        for sock in held:
+            sock.settimeout(0.01)
+            try:
+                refused += sock.recv(1) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                refused += 1
+        assert refused >= 100
+        assert other.call("GET", "/_ping").status == 200
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)
+    assert greedy.call("GET", "/_ping").status == 200
+
+
+def test_healthchecks_cannot_run_the_engine_flat_out(student: StudentSession, curated_image: str) -> None:
+    fast = {"Test": ["CMD", "true"], "Interval": 1_000_000}
+    answer = student.call("POST", "/v1.41/containers/create", {"Image": curated_image, "Healthcheck": fast})
+    assert answer.status == 403 and "--health-interval" in answer.message
+    sneaky = {"Test": ["CMD", "true"], "interval": 1_000_000}
+    answer = student.call("POST", "/v1.41/containers/create", {"Image": curated_image, "Healthcheck": sneaky})
+    assert answer.status == 403
+    normal = {"Test": ["CMD", "true"], "Interval": 5_000_000_000, "Retries": 3}
+    answer = student.call("POST", "/v1.41/containers/create", {"Image": curated_image, "Healthcheck": normal})
+    assert answer.status == 201, answer.body
+
+
+def test_inspect_shows_no_host_paths(student: StudentSession, curated_image: str) -> None:
+    student.run(curated_image, ["sleep", "30"], name="web", HostConfig={"Binds": ["data:/data"]})
+    answers = [
+        student.call("GET", "/v1.41/containers/web/json"),
+        student.call("GET", f"/v1.41/images/{curated_image}/json"),
+        student.call("GET", "/v1.41/volumes/data"),
+        student.call("GET", "/v1.41/volumes"),
+    ]
+    for answer in answers:
+        assert answer.status == 200, answer.body
+        assert b"/var/lib/docker" not in answer.body and b"overlay2/" not in answer.body, answer.body
