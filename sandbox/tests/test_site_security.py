@@ -1,7 +1,11 @@
 """What one student could do to the site, or through it to the shared engine and to other students, refused."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import docker
 import pytest
@@ -11,6 +15,40 @@ from django.test import Client
 from lessons.models import Lesson
 from sandbox import protocol
 from sandbox.tests.test_terminal_live import Terminal, _start, _ws
+
+BASE_DIR = Path(__file__).resolve().parents[2]
+
+
+def _settings_of(module: str, **env: str) -> tuple[int, str]:
+    """Load a settings module in a fresh process, as the launcher does: its exit code and DEBUG or its error."""
+    script = "from django.conf import settings; print('DEBUG', settings.DEBUG)"
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("LAYERCAKE_") and k != "DJANGO_SETTINGS_MODULE"
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=BASE_DIR,
+        env={**clean, "DJANGO_SETTINGS_MODULE": module, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, (result.stdout + result.stderr).strip().splitlines()[-1]
+
+
+def test_a_site_that_answers_to_others_is_not_in_debug_mode_nor_on_a_public_key() -> None:
+    assert _settings_of("tutorial.settings.local") == (0, "DEBUG True")
+    public = {"LAYERCAKE_ALLOWED_HOSTS": "lessons.example.org"}
+    code, said = _settings_of("tutorial.settings.local", **public)
+    assert code != 0 and "LAYERCAKE_SECRET_KEY must be set" in said
+    for placeholder in ("change-me", "layercake-local-development-key-not-for-production"):
+        code, said = _settings_of("tutorial.settings.local", **public, LAYERCAKE_SECRET_KEY=placeholder)
+        assert code != 0 and "LAYERCAKE_SECRET_KEY must be set" in said
+        code, said = _settings_of("tutorial.settings.production", LAYERCAKE_SECRET_KEY=placeholder)
+        assert code != 0 and "LAYERCAKE_SECRET_KEY must be set" in said
+    secret = {**public, "LAYERCAKE_SECRET_KEY": "s3cr3t-" * 8}
+    assert _settings_of("tutorial.settings.local", **secret) == (0, "DEBUG False")
+    assert _settings_of("tutorial.settings.production", **secret) == (0, "DEBUG False")
 
 
 @pytest.fixture

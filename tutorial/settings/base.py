@@ -8,7 +8,10 @@ from .env import env_bool, env_int, env_list, env_str
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 DATA_DIR = Path(env_str("LAYERCAKE_DATA_DIR", str(BASE_DIR / "var")))
 
-SECRET_KEY = env_str("LAYERCAKE_SECRET_KEY", "layercake-local-development-key-not-for-production")
+DEVELOPMENT_KEY = "layercake-local-development-key-not-for-production"
+# Keys anyone can read (this default, the placeholder of .env.example): never for a site others can reach.
+PUBLIC_KEYS = {DEVELOPMENT_KEY, "change-me"}
+SECRET_KEY = env_str("LAYERCAKE_SECRET_KEY", DEVELOPMENT_KEY)
 DEBUG = env_bool("LAYERCAKE_DEBUG", False)
 ALLOWED_HOSTS = env_list("LAYERCAKE_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("LAYERCAKE_CSRF_TRUSTED_ORIGINS", [])
