@@ -11,9 +11,14 @@ import docker
 import pytest
 from django.conf import settings
 from django.test import Client
+from django.utils import timezone
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from lessons.models import Lesson
 from sandbox import protocol
+from sandbox.models import Sandbox
+from sandbox.owners import SESSION_KEY
 from sandbox.tests.test_terminal_live import Terminal, _start, _ws
 
 BASE_DIR = Path(__file__).resolve().parents[2]
@@ -89,3 +94,57 @@ def test_a_flood_of_resizes_reaches_the_engine_coalesced(live_asgi: str, lesson:
 
     started = asyncio.run(session())
     assert 1 <= _engine_resizes(sandbox.pk, started - 1) <= 12
+
+
+@pytest.mark.redis
+def test_the_terminal_answers_only_pages_of_the_site_itself(live_asgi: str, lesson: Lesson) -> None:
+    browser = Client()
+    browser.get(lesson.get_absolute_url())
+    now = timezone.now()
+    sandbox = Sandbox.objects.create(
+        owner_key=browser.session[SESSION_KEY], lesson=lesson, image="x", last_activity_at=now, expires_at=now
+    )
+    url = f"ws://{live_asgi}{sandbox.terminal_path}"
+    cookie = {"Cookie": f"sessionid={browser.cookies['sessionid'].value}"}
+
+    async def status(headers: dict[str, str]) -> int | str:
+        try:
+            async with connect(url, additional_headers=headers, open_timeout=10) as ws:
+                await ws.send(protocol.hello_frame(has_screen=False, offset=0))
+                frame = await asyncio.wait_for(ws.recv(), 10)
+                assert isinstance(frame, bytes) and frame[0] == protocol.STATUS
+                return "open"
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    # A sandboxed page served by the port proxy has the origin "null"; the others are other sites.
+    origins = [
+        None,
+        "null",
+        "http://localhost.evil.example",
+        "http://127.0.0.1.evil.example",
+        "http://evil.example",
+    ]
+    for origin in origins:
+        headers = {**cookie, "Origin": origin} if origin else cookie
+        assert asyncio.run(status(headers)) == 403, origin
+    assert asyncio.run(status({**cookie, "Origin": f"http://{live_asgi}"})) == "open"
+
+
+@pytest.mark.django_db
+def test_starting_and_stopping_take_the_sites_own_csrf_token(lesson: Lesson) -> None:
+    browser = Client(enforce_csrf_checks=True)
+    page = browser.get(lesson.get_absolute_url())
+    token = page.context["csrf_token"]
+    assert browser.post("/sandbox/start/", {"lesson": lesson.slug}).status_code == 403
+    forged = browser.post("/sandbox/start/", {"lesson": lesson.slug, "csrfmiddlewaretoken": "x" * 32})
+    assert forged.status_code == 403
+    now = timezone.now()
+    sandbox = Sandbox.objects.create(
+        owner_key=browser.session[SESSION_KEY], lesson=lesson, image="x", last_activity_at=now, expires_at=now
+    )
+    from_elsewhere = browser.post(
+        f"/sandbox/{sandbox.pk}/stop/", {"csrfmiddlewaretoken": token}, HTTP_ORIGIN="null", secure=True
+    )
+    assert from_elsewhere.status_code == 403
+    assert Sandbox.objects.get(pk=sandbox.pk).state == "queued"
