@@ -166,7 +166,8 @@ class ServerSide:
             upgrade=upgrade,
         )
 
-    async def read_body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int, *, keep: bool = True) -> bytes:
+        """The request's body, up to `limit` bytes; with keep=False it is read and dropped as it comes."""
         parts: list[bytes] = []
         size = 0
         while True:
@@ -175,7 +176,8 @@ class ServerSide:
                 size += len(event.data)
                 if size > limit:
                     raise HttpError(413, f"request body too large for the sandbox (limit {limit} bytes)")
-                parts.append(bytes(event.data))
+                if keep:
+                    parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
             elif isinstance(event, h11.ConnectionClosed):

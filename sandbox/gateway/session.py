@@ -103,6 +103,14 @@ def strip_labels(labels: dict[str, str] | None) -> dict[str, str]:
     return {k: v for k, v in (labels or {}).items() if not k.startswith("layercake.")}
 
 
+def json_arg(request: Request, name: str) -> Any:
+    raw = request.arg(name)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise HttpError(400, f"invalid {name}: {exc}") from exc
+
+
 def hide_host_paths(detail: dict[str, Any]) -> dict[str, Any]:
     """Where the engine keeps an object on the host is none of the student's business (and info hides it)."""
     if isinstance(detail.get("GraphDriver"), dict):
@@ -371,7 +379,7 @@ class StudentGateway:
         return side.switched
 
     async def _drain_and_fail(self, side: ServerSide, error: HttpError) -> None:
-        await side.read_body(self.config.build_context_max)
+        await side.read_body(self.config.build_context_max, keep=False)
         await side.respond_error(error)
 
     # Helpers.
@@ -406,7 +414,11 @@ class StudentGateway:
         raw = request.arg("filters")
         if not raw:
             return {}
-        data = policy.Fields(json.loads(raw) if raw.strip() else {}, "filters")
+        try:
+            decoded = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            raise HttpError(400, f"invalid filters: {exc}") from exc
+        data = policy.Fields(decoded, "filters")
         result: dict[str, list[str]] = {}
         for key in list(data.items):
             value = data.take(key)
@@ -1320,15 +1332,13 @@ class StudentGateway:
             await self._refuse_curated_name(target, views)
             tags.append(engine_tag)
             targets.append(target.familiar)
-        labels = policy.student_labels(json.loads(request.arg("labels") or "null"), "labels")
+        labels = policy.student_labels(json_arg(request, "labels"), "labels")
         labels[SESSION] = str(self.record.session_id)
-        build_args = request.arg("buildargs")
-        if build_args:
-            parsed_args = json.loads(build_args)
-            if not isinstance(parsed_args, dict) or not all(
-                isinstance(v, str | None) for v in parsed_args.values()
-            ):
-                raise HttpError(400, "invalid build args")
+        build_args = json_arg(request, "buildargs")
+        if build_args is not None and (
+            not isinstance(build_args, dict) or not all(isinstance(v, str | None) for v in build_args.values())
+        ):
+            raise HttpError(400, "invalid build args")
         context = await asyncio.to_thread(
             policy.build_context_dockerfile,
             request.body,
@@ -1429,11 +1439,15 @@ class StudentGateway:
         await side.respond_json(200, networks)
 
     def _network_view(self, network: dict[str, Any]) -> dict[str, Any]:
+        """The session's network with only the student's own containers on it (not the workstation's or the
+        port forwarders' addresses)."""
         network["Labels"] = strip_labels(network.get("Labels"))
         containers = network.get("Containers") or {}
-        for value in containers.values():
-            if isinstance(value, dict) and "Name" in value:
-                value["Name"] = self.namer.plain(value["Name"])
+        network["Containers"] = {
+            key: {**value, "Name": self.namer.plain(value["Name"])}
+            for key, value in containers.items()
+            if isinstance(value, dict) and self.namer.owns_plain(str(value.get("Name", "")))
+        }
         return network
 
     async def network_inspect(self, side: ServerSide, request: Request, ref: str) -> None:

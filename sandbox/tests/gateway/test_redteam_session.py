@@ -108,3 +108,24 @@ def test_inspect_shows_no_host_paths(student: StudentSession, curated_image: str
     for answer in answers:
         assert answer.status == 200, answer.body
         assert b"/var/lib/docker" not in answer.body and b"overlay2/" not in answer.body, answer.body
+
+
+def test_network_inspect_shows_only_the_students_containers(
+    student: StudentSession, curated_image: str, workstation_factory: Any
+) -> None:
+    workstation = workstation_factory.for_session(student)
+    student.run(curated_image, ["sleep", "30"], name="web")
+    for path in (f"/v1.41/networks/{student.network}", "/v1.41/networks"):
+        answer = student.call("GET", path)
+        network = answer.json() if path.endswith(student.network) else answer.json()[0]
+        names = [c["Name"] for c in network["Containers"].values()]
+        assert names == ["web"], names
+        assert workstation.container_id not in answer.body.decode()
+
+
+@pytest.mark.parametrize("query", ["filters=%7Bnot-json", "filters=%5B1%5D"])
+def test_malformed_filters_are_answered(student: StudentSession, query: str) -> None:
+    answer = student.call("GET", f"/v1.41/containers/json?{query}")
+    assert answer.status == 400, answer.body
+    built = student.call("POST", "/v1.41/build?labels=%7Bbad", body=b"", headers={"Content-Type": "x"})
+    assert built.status == 400 and "invalid labels" in built.message
