@@ -23,8 +23,11 @@ that the feature is not available in the sandbox. For the endpoints that exist:
 * Builds: classic builder only, no remote context, no host network (RUN steps get no network), no pull,
   no cgroup parent, limits forced; the Dockerfile's FROM and COPY --from images are resolved as the student
   sees them (their own or curated), ADD of URLs and ONBUILD are refused, and variables in FROM or ADD
-  sources are refused because they would be resolved after this check.
-* Commits take only the instructions docker allows minus ONBUILD, and never a label in layercake's space.
+  sources are refused because they would be resolved after this check. The Dockerfile is read as the
+  engine's parser reads it, and what its versions could read two ways is refused. Compressed contexts are
+  expanded within the context limit; a context with a path through a symbolic link is refused.
+* Commits take only the instructions docker allows minus ONBUILD, and never a label in layercake's space
+  (also not behind quotes or escapes). Healthchecks run at most once a second.
 """
 
 import bz2
