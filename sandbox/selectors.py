@@ -12,7 +12,3 @@ def sandbox_for_owner(*, owner_key: str, lesson: Lesson | None) -> Sandbox | Non
 
 def sandbox_owned(*, owner_key: str, sandbox_id: int) -> Sandbox | None:
     return Sandbox.objects.filter(pk=sandbox_id, owner_key=owner_key).first()
-
-
-def sandboxes_live_for_owner(*, owner_key: str) -> list[Sandbox]:
-    return list(Sandbox.objects.active().filter(owner_key=owner_key).select_related("lesson"))

@@ -31,6 +31,10 @@ class SandboxFull(Exception):
     """The host is at capacity: the student should try again shortly."""
 
 
+class TooManySandboxes(Exception):
+    """The owner already has as many live sandboxes as one owner may: they should stop one."""
+
+
 def sandbox_group(sandbox_id: int) -> str:
     return f"sandbox.{sandbox_id}"
 
@@ -70,6 +74,12 @@ def sandbox_start(
         existing = Sandbox.objects.active().filter(owner_key=owner_key, lesson=lesson).first()
         if existing is not None:
             return existing
+        others = list(Sandbox.objects.active().filter(owner_key=owner_key).select_related("lesson"))
+        if len(others) >= settings.SANDBOX_PER_OWNER:
+            where = ", ".join(f"“{s.lesson.title}”" if s.lesson else "another page" for s in others)
+            raise TooManySandboxes(
+                f"You already have {len(others)} sandboxes running ({where}). Stop one to start another."
+            )
         if Sandbox.objects.active().count() >= settings.SANDBOX_CAPACITY:
             raise SandboxFull("Every sandbox on this host is in use. Try again in a minute.")
         now = timezone.now()

@@ -1,4 +1,3 @@
-from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -8,7 +7,7 @@ from lessons.models import Lesson
 from . import services
 from .models import EndReason
 from .owners import owner_key_for_request
-from .selectors import sandbox_owned, sandboxes_live_for_owner
+from .selectors import sandbox_owned
 
 
 def _panel(request: HttpRequest, **context: object) -> HttpResponse:
@@ -26,15 +25,12 @@ def _respond(request: HttpRequest, lesson: Lesson | None, **context: object) -> 
 def start(request: HttpRequest) -> HttpResponse:
     lesson = get_object_or_404(Lesson, slug=request.POST.get("lesson", ""))
     owner_key = owner_key_for_request(request)
-    others = [s for s in sandboxes_live_for_owner(owner_key=owner_key) if s.lesson_id != lesson.pk]
-    if len(others) >= settings.SANDBOX_PER_OWNER:
-        where = ", ".join(f"“{s.lesson.title}”" if s.lesson else "another page" for s in others)
-        error = f"You already have {len(others)} sandboxes running ({where}). Stop one to start another."
-        response = _panel(request, lesson=lesson, sandbox=None, error=error)
-        response.status_code = 429
-        return response
     try:
         sandbox = services.sandbox_start(owner_key=owner_key, user=request.user, lesson=lesson)
+    except services.TooManySandboxes as exc:
+        response = _panel(request, lesson=lesson, sandbox=None, error=str(exc))
+        response.status_code = 429
+        return response
     except services.SandboxFull as exc:
         response = _panel(request, lesson=lesson, sandbox=None, error=str(exc))
         response.status_code = 503
