@@ -79,12 +79,19 @@ def _free_port() -> int:
 def live_asgi(celery_live_worker: None) -> Iterator[str]:
     """The site served by a real uvicorn on a loopback port, as `./layercake up` serves it."""
     import uvicorn
+    from django.conf import settings
 
     from tutorial.asgi import application
 
     port = _free_port()
     config = uvicorn.Config(
-        application, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning", lifespan="off"
+        application,
+        host="127.0.0.1",
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=settings.TERMINAL_MAX_FRAME_BYTES + 1024,
+        log_level="warning",
+        lifespan="off",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

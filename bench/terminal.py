@@ -98,6 +98,7 @@ class Stack:
                 f"{python}/uvicorn",
                 "tutorial.asgi:application",
                 *("--port", str(self.port), "--ws", "websockets-sansio"),
+                *("--ws-max-size", str(settings.TERMINAL_MAX_FRAME_BYTES + 1024)),
                 *("--no-access-log", "--log-level", "warning"),
             ],
             cwd=ROOT,

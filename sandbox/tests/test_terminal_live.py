@@ -210,6 +210,16 @@ def test_malformed_frames_close_cleanly_and_absurd_sizes_are_ignored(live_asgi: 
                     await asyncio.wait_for(ws.recv(), 10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_PROTOCOL
 
+        # Far past the limit, the server refuses the message before holding it whole.
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            term = Terminal(ws)
+            await term.hello()
+            await ws.send(protocol.input_frame(b"x" * (16 * settings.TERMINAL_MAX_FRAME_BYTES)))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
     asyncio.run(session())
 
 
