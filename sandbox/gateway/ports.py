@@ -13,7 +13,9 @@ with what should run and removes or creates the difference. It runs when a conta
 through the gateway (before `docker start` answers, so the port is ready when `docker run -d` returns), on
 the engine's start, die and destroy events, when a session is served (so a restarted gateway takes up where
 it was), and every minute. A forwarder whose socat exits (a listener in the student's shell holds the port)
-stays exited until its container starts again; nothing retries in a loop.
+stays exited until its container starts again; nothing retries in a loop. When the start itself made the
+forwarder, the start waits until socat says it listens on every port, and a port that a listener in the
+student's shell already holds fails the start as docker fails it ("address already in use").
 
 A host port belongs to one running container. Starting a second that asks for it fails as docker fails
 ("port is already allocated"); if the engine itself restarts one (a restart policy), the container that held
@@ -27,7 +29,9 @@ them on the lesson page and proxies HTTP to them (`sandbox/ports.py`). The key g
 import asyncio
 import json
 import logging
+import re
 import shlex
+import struct
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -55,6 +59,10 @@ FORWARDER_NANO_CPUS = 250_000_000
 # Connections one listener relays at once; each is a socat child process in the forwarder.
 FORWARDER_CHILDREN = 32
 SYNC_SECONDS = 60.0
+# How long a start waits for its forwarder to say that it listens (or that it cannot).
+LISTEN_WAIT_SECONDS = 5.0
+LISTENING_RE = re.compile(rb"N listening on AF=\d+ [0-9.]+:(\d+)")
+BIND_FAILED_RE = re.compile(rb"E bind\(\d+, \{AF=\d+ [0-9.]+:(\d+)\}")
 LOG_CONFIG = {"Type": "local", "Config": {"max-size": "256k", "max-file": "1", "compress": "false"}}
 
 
@@ -104,12 +112,22 @@ def port_allocated(*, name: str, container_id: str, port: int) -> HttpError:
     )
 
 
+def userland_proxy_failed(*, name: str, container_id: str, port: int) -> HttpError:
+    """Docker's answer when something outside docker already listens on the host port."""
+    return HttpError(
+        500,
+        f"driver failed programming external connectivity on endpoint {name} ({container_id}): "
+        f"Error starting userland proxy: listen tcp4 0.0.0.0:{port}: bind: address already in use",
+    )
+
+
 def forwarder_script(published: Published) -> str:
     lines = []
     for port in published.ports:
         listen = f"TCP-LISTEN:{port.host_port},bind=127.0.0.1,reuseaddr,fork,max-children={FORWARDER_CHILDREN}"
         target = f"TCP:{published.address}:{port.container_port},connect-timeout=5"
-        lines.append(f"socat {shlex.quote(listen)} {shlex.quote(target)} &")
+        # -d -d: socat says when it listens, and why it could not.
+        lines.append(f"socat -d -d {shlex.quote(listen)} {shlex.quote(target)} &")
     lines.append("wait")
     return "\n".join(lines)
 
@@ -123,6 +141,8 @@ class PortForwards:
         self._records: dict[int, SessionRecord] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._again: set[int] = set()
+        # Host ports that the forwarders the session's last sync made could not listen on, by container.
+        self.unbound: dict[int, dict[str, list[int]]] = {}
 
     def lock(self, session_id: int) -> asyncio.Lock:
         """Held around a start that publishes ports and around every sync of the session."""
@@ -147,6 +167,14 @@ class PortForwards:
                 name = namer.plain((container.get("Names") or ["/"])[0]).lstrip("/")
                 raise port_allocated(name=name, container_id=container["Id"], port=port.host_port)
 
+    def check_started(self, record: SessionRecord, container: dict[str, Any], namer: Namer) -> None:
+        """After a start and the sync that followed it, with the session's lock still held: refuse the start if
+        its forwarder could not listen on a host port (a listener in the student's shell holds it)."""
+        unbound = self.unbound.get(record.session_id, {}).get(container["Id"])
+        if unbound:
+            name = namer.plain((container.get("Names") or ["/"])[0]).lstrip("/")
+            raise userland_proxy_failed(name=name, container_id=container["Id"], port=unbound[0])
+
     def request_sync(self, record: SessionRecord) -> None:
         """Sync the session soon, in the background; requests made meanwhile coalesce into one more run."""
         session_id = record.session_id
@@ -163,6 +191,7 @@ class PortForwards:
 
     async def sync_locked(self, record: SessionRecord) -> list[Published]:
         session_id = record.session_id
+        self.unbound[session_id] = {}
         namer = Namer(namespace=self.config.namespace, session_id=session_id)
         running = await self._running_with_ports(session_id)
         forwarders = await self._forwarders(session_id)
@@ -219,6 +248,7 @@ class PortForwards:
             await asyncio.gather(task, return_exceptions=True)
         self._again.discard(session_id)
         self._records.pop(session_id, None)
+        self.unbound.pop(session_id, None)
         async with self.lock(session_id):
             for forwarder in await self._forwarders(session_id):
                 await self._remove(forwarder["Id"])
@@ -354,7 +384,43 @@ class PortForwards:
             log.warning("session %s: could not start %s: %s", session_id, name, started.message)
             await self._remove(forwarder_id)
             return
+        unbound = await self._unbound(forwarder_id, published)
+        if unbound:
+            log.info("session %s: ports %s are held in the workstation", session_id, unbound)
+            self.unbound.setdefault(session_id, {})[published.container_id] = unbound
         log.info("session %s: forwarding %s", session_id, policy.ports_label(list(published.ports)))
+
+    async def _unbound(self, forwarder_id: str, published: Published) -> list[int]:
+        """The host ports the forwarder could not listen on, read from what socat says as it starts: that it
+        listens, or (exiting at once) that another listener holds the port. Unknown counts as bound."""
+        wanted = {port.host_port for port in published.ports}
+        listening: set[int] = set()
+        failed: set[int] = set()
+        stream = await self.engine.open(
+            "GET", f"/containers/{forwarder_id}/logs", query={"follow": "1", "stderr": "1", "stdout": "1"}
+        )
+        try:
+            async with asyncio.timeout(LISTEN_WAIT_SECONDS):
+                if (await stream.head()).status != 200:
+                    return []
+                frames = b""
+                async for chunk in stream.chunks():
+                    frames += chunk
+                    # Not a TTY: the engine frames each write with an 8-byte header (stream, size).
+                    while len(frames) >= 8:
+                        size = struct.unpack(">I", frames[4:8])[0]
+                        if len(frames) < 8 + size:
+                            break
+                        text, frames = frames[8 : 8 + size], frames[8 + size :]
+                        listening.update(int(m) for m in LISTENING_RE.findall(text))
+                        failed.update(int(m) for m in BIND_FAILED_RE.findall(text))
+                    if wanted <= listening | failed:
+                        break
+        except (TimeoutError, ConnectionError, OSError):
+            log.warning("the forwarder %s did not say whether it listens on %s", forwarder_id, sorted(wanted))
+        finally:
+            stream.close()
+        return sorted(failed & wanted)
 
     async def _remove(self, ref: str) -> None:
         response = await self.engine.call("DELETE", f"/containers/{q(ref)}", query={"force": "1", "v": "1"})

@@ -878,11 +878,24 @@ class StudentGateway:
                 response = await self.engine.call("POST", path, query=query)
                 if response.status < 300:
                     await self._sync_ports()
+                    if action in ("start", "restart"):
+                        try:
+                            self.ports.check_started(self.record, container, self.namer)
+                        except HttpError:
+                            await self._undo_start(container["Id"])
+                            raise
         else:
             response = await self.engine.call("POST", path, query=query)
         if response.status == 404:
             raise not_found_container(ref)
         await self._respond_engine(side, response)
+
+    async def _undo_start(self, container_id: str) -> None:
+        """With the session's port lock held: stop a container whose start is refused after the fact, and take
+        its forwarder away again. A --rm container is then removed by the engine, as the CLI expects."""
+        await self.engine.call("POST", f"/containers/{container_id}/kill")
+        await self.engine.call("POST", f"/containers/{container_id}/wait", query={"condition": "not-running"})
+        await self._sync_ports()
 
     async def _remove_if_auto(self, container_id: str) -> None:
         """A --rm container that cannot start is removed, as the engine removes it (the CLI waits for that)."""

@@ -291,3 +291,30 @@ async def test_the_proxy_never_connects_to_this_machine(record_naming_the_host: 
     assert server.clients == []
     # The control: the app does answer at that address, for this machine itself.
     assert server.get(record_naming_the_host["address"]) == server.token
+
+
+def test_a_port_held_in_the_shell_fails_the_start_as_docker_does(
+    sandbox_factory: Any, engine: docker.APIClient
+) -> None:
+    sandbox: LiveSandbox = sandbox_factory()
+    port = free_host_port()
+    # A server of the student's own, in the shell, on the port.
+    listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"
+    listener = f"setsid socat {listen} SYSTEM:'echo HTTP/1.0 200 OK; echo; echo mine' </dev/null >/dev/null 2>&1 &"
+    assert sandbox.workstation.docker(listener)[0] == 0
+    assert curl_in_workstation(sandbox, port)[1].strip() == "mine"
+
+    code, output = run_web(sandbox, "web", port)
+    assert code == 125 and f"listen tcp4 0.0.0.0:{port}: bind: address already in use" in output, output
+    assert (
+        sandbox.workstation.docker("docker ps -a --format '{{.Names}}|{{.State}}'")[1].split("|")[1] != "running"
+    )
+    assert forwarders(engine, sandbox, all_states=True) == []
+    assert curl_in_workstation(sandbox, port)[1].strip() == "mine"
+    code, output = sandbox.workstation.docker(f"timeout 20 docker run --rm --name once -p {port}:80 busybox true")
+    assert code == 125 and "address already in use" in output, output
+    assert "once" not in sandbox.workstation.docker("docker ps -a --format '{{.Names}}'")[1]
+
+    assert sandbox.workstation.docker("pkill -x socat")[0] == 0
+    assert sandbox.workstation.docker("docker start web")[0] == 0
+    assert curl_in_workstation(sandbox, port)[1].strip() == "hello-from-web"
