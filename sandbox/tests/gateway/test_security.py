@@ -1,15 +1,13 @@
 """Known escapes and sandbox-policy bypasses, each refused with a clear message and leaving nothing behind."""
 
-import io
 import json
-import tarfile
 from typing import Any
 from urllib.parse import quote
 
 import docker
 import pytest
 
-from .conftest import StudentSession, owned_objects
+from .conftest import StudentSession, dockerfile_context, owned_objects
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
 
@@ -137,16 +135,6 @@ def test_exec_cannot_be_privileged(student: StudentSession, curated_image: str) 
     assert answer.status == 403 and "--privileged" in answer.message
 
 
-def _context(dockerfile: str) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        data = dockerfile.encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(
     ("query", "dockerfile", "said"),
     [
@@ -178,7 +166,7 @@ def test_build_escapes_are_refused(
     answer = student.call(
         "POST",
         f"/v1.41/build?{query}",
-        body=_context(dockerfile.format(image=curated_image)),
+        body=dockerfile_context(dockerfile.format(image=curated_image)),
         headers={"Content-Type": "application/x-tar"},
     )
     assert answer.status in (400, 403), answer.body
