@@ -115,7 +115,7 @@ def gateway_session_purge(*, session_id: int) -> None:
                         if not _gone(exc):
                             raise
         for _ in range(3):
-            left = api.images(all=True, filters={"label": [f"layercake.session={session_id}"]})
+            left = api.images(all=True, filters={"label": mine})
             if not left:
                 break
             for image in left:

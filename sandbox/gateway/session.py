@@ -395,6 +395,13 @@ class StudentGateway:
             ROLE: role,
         }
 
+    def _image_owner(self) -> dict[str, str]:
+        """The labels that mark an image (or an engine event) as this student's: their session, on this site."""
+        return {NAMESPACE: self.config.namespace, SESSION: str(self.record.session_id)}
+
+    def _image_owner_labels(self) -> list[str]:
+        return [f"{key}={value}" for key, value in self._image_owner().items()]
+
     def _own_filter(self, extra: dict[str, list[str]] | None = None) -> str:
         filters: dict[str, list[str]] = {
             "label": [f"{SESSION}={self.record.session_id}", f"{NAMESPACE}={self.config.namespace}"]
@@ -616,7 +623,7 @@ class StudentGateway:
 
     async def events_stream(self, side: ServerSide, request: Request) -> None:
         wanted = self._student_filters(request, {"type", "event", "label", "container", "image"})
-        filters: dict[str, list[str]] = {"label": [f"{SESSION}={self.record.session_id}"]}
+        filters: dict[str, list[str]] = {"label": self._image_owner_labels()}
         for key in ("type", "event", "label"):
             if key in wanted:
                 filters.setdefault(key, []).extend(wanted[key])
@@ -637,11 +644,9 @@ class StudentGateway:
         except ValueError:
             return None
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
-        if attributes.get(SESSION) != str(self.record.session_id):
+        if any(attributes.get(key) != value for key, value in self._image_owner().items()):
             return None
-        if event.get("Type") == "container" and (
-            attributes.get(ROLE) != "student" or attributes.get(NAMESPACE) != self.config.namespace
-        ):
+        if event.get("Type") == "container" and attributes.get(ROLE) != "student":
             return None
         if attributes.get(IMAGE_LABEL) and "image" in attributes:
             attributes["image"] = attributes[IMAGE_LABEL]
@@ -1057,7 +1062,11 @@ class StudentGateway:
             tags = [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
             own_tags = [t for t in tags if self.namer.owns_repo_tag(t)]
             curated_tags = [t for t in tags if not is_student_repo_tag(t)] if labels.get(CATALOG) else []
-            own = labels.get(SESSION) == session and not curated_tags
+            own = (
+                labels.get(SESSION) == session
+                and labels.get(NAMESPACE) == self.config.namespace
+                and not curated_tags
+            )
             if own or own_tags or curated_tags:
                 views.append(ImageView(entry=entry, own=own, curated_tags=curated_tags, own_tags=own_tags))
         return views
@@ -1137,8 +1146,6 @@ class StudentGateway:
         for key in ("Config", "ContainerConfig"):
             if isinstance(detail.get(key), dict):
                 detail[key]["Labels"] = strip_labels(detail[key].get("Labels")) or None
-                if detail[key].get("Image") and detail[key]["Image"].startswith(("sha256:",)):
-                    pass
         await side.respond(200, self.namer.unmask(json.dumps(detail)).encode() + b"\n")
 
     async def image_history(self, side: ServerSide, request: Request, ref: str) -> None:
@@ -1147,14 +1154,23 @@ class StudentGateway:
         visible = {v.id: self._visible_tags(v) for v in views}
         history = await self.engine.json("GET", f"/images/{view.id}/history")
         rows: list[dict[str, Any]] = []
+        # The gateway's own labels are the newest rows of a build (the session's, then the namespace's) or of
+        # the build an image was made from; the first row shown stands for the image itself.
+        top: dict[str, Any] | None = None
+        below_session = False
         for row in history:
             created_by = str(row.get("CreatedBy", ""))
-            if f"LABEL {SESSION}=" in created_by and "#(nop)" in created_by:
-                carry = row
+            nop = "#(nop)" in created_by
+            if nop and f"LABEL {SESSION}=" in created_by:
+                top = top or row
+                below_session = True
                 continue
-            if rows == [] and "carry" in locals():
-                row["Id"] = carry["Id"]
-                row["Tags"] = carry.get("Tags")
+            if nop and below_session and f"LABEL {NAMESPACE}=" in created_by:
+                below_session = False
+                continue
+            below_session = False
+            if not rows and top is not None:
+                row["Id"] = top["Id"]
             row["Tags"] = visible.get(row.get("Id", "")) or None
             rows.append(row)
         await side.respond(200, self.namer.unmask(json.dumps(rows)).encode() + b"\n")
@@ -1243,10 +1259,7 @@ class StudentGateway:
 
     async def image_prune(self, side: ServerSide, request: Request) -> None:
         wanted = self._student_filters(request, {"dangling", "until", "label"})
-        filters = {
-            "label": [f"{SESSION}={self.record.session_id}"],
-            **{k: v for k, v in wanted.items() if k != "label"},
-        }
+        filters = {"label": self._image_owner_labels(), **{k: v for k, v in wanted.items() if k != "label"}}
         filters["label"].extend(wanted.get("label", []))
         response = await self.engine.call("POST", "/images/prune", query={"filters": json.dumps(filters)})
         await self._respond_engine(side, response)
@@ -1290,7 +1303,7 @@ class StudentGateway:
         if not policy.is_zero(request.json()):
             raise policy.not_available("a configuration body for docker commit (use --change)")
         changes = policy.commit_changes(request.args("changes"))
-        changes.append(f"LABEL {SESSION}={self.record.session_id}")
+        changes.append("LABEL " + " ".join(self._image_owner_labels()))
         query: list[tuple[str, str]] = [("container", container["Id"])]
         target: Reference | None = None
         if request.arg("repo"):
@@ -1346,7 +1359,7 @@ class StudentGateway:
             tags.append(engine_tag)
             targets.append(target.familiar)
         labels = policy.student_labels(json_arg(request, "labels"), "labels")
-        labels[SESSION] = str(self.record.session_id)
+        labels.update(self._image_owner())
         build_args = json_arg(request, "buildargs")
         if build_args is not None and (
             not isinstance(build_args, dict) or not all(isinstance(v, str | None) for v in build_args.values())
@@ -1388,7 +1401,7 @@ class StudentGateway:
         stream = await self.engine.open(
             "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
         )
-        output = BuildOutput(self.namer, session_id=self.record.session_id)
+        output = BuildOutput(self.namer, hidden_steps=len(self._image_owner()))
         await self._stream_engine(side, stream, rewrite=output.feed, finish=output.flush)
         if output.image_id:
             await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
@@ -1506,14 +1519,15 @@ ID_LINE_RE = re.compile(r"^ ---> [0-9a-f]{12}\n?$")
 
 
 class BuildOutput(LineRewriter):
-    """The classic builder's progress with the student's names, and without the step that labels the image
-    as theirs (the labels parameter becomes a LABEL step of its own)."""
+    """The classic builder's progress with the student's names, and without the steps that label the image
+    as theirs (each label of the labels parameter becomes a LABEL step of its own, in the order of the keys;
+    only the gateway's labels are in layercake's space)."""
 
-    def __init__(self, namer: Namer, *, session_id: int) -> None:
+    def __init__(self, namer: Namer, *, hidden_steps: int) -> None:
         super().__init__(self._line)
         self.namer = namer
-        self.label_step = f"LABEL {SESSION}={session_id}"
-        self.hidden_step = 0
+        self.hidden_steps = hidden_steps
+        self.hidden = 0
         self.hiding = False
         self.image_id = ""
         self.held = b""
@@ -1527,22 +1541,24 @@ class BuildOutput(LineRewriter):
         if isinstance(aux, dict) and aux.get("ID"):
             self.image_id = str(aux["ID"])
         text = message.get("stream")
+        # A step's resulting ID is held until what follows shows whether the next step is shown.
         held, self.held = self.held, b""
         if isinstance(text, str):
             match = STEP_RE.match(text)
             if match:
                 step, total = int(match.group(1)), int(match.group(2))
-                if text[match.end() :].startswith(self.label_step):
-                    self.hidden_step = step
+                if text[match.end() :].startswith(f"LABEL {policy.LABEL_SPACE}"):
+                    self.hidden += 1
                     self.hiding = True
                     return None
                 self.hiding = False
-                new_step = step - 1 if self.hidden_step and step > self.hidden_step else step
-                text = f"Step {new_step}/{total - 1} : " + text[match.end() :]
+                text = f"Step {step - self.hidden}/{total - self.hidden_steps} : " + text[match.end() :]
             elif text.startswith("Successfully") or message.get("error"):
                 self.hiding = False
             elif self.hiding:
-                return self._encode(message) if ID_LINE_RE.match(text) else None
+                if ID_LINE_RE.match(text):
+                    self.held = self._encode(message)
+                return None
             message["stream"] = text
             if ID_LINE_RE.match(text):
                 self.held = self._encode(message)

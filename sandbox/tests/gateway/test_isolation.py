@@ -1,28 +1,15 @@
 """Two students at once: the same names, and no way to reach the other's objects by any name or ID."""
 
 import io
-import tarfile
 from typing import Any
 
 import docker
 import pytest
 from django.conf import settings
 
-from .conftest import StudentSession
+from .conftest import StudentSession, dockerfile_context
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
-
-
-def _build(student: StudentSession, dockerfile: str, tag: str) -> Any:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        data = dockerfile.encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    return student.call(
-        "POST", f"/v1.41/build?t={tag}", body=buffer.getvalue(), headers={"Content-Type": "application/x-tar"}
-    )
 
 
 def test_two_students_same_names_no_crossing(
@@ -31,7 +18,7 @@ def test_two_students_same_names_no_crossing(
     alice: StudentSession = student_factory()
     bob: StudentSession = student_factory()
     for student, word in ((alice, "alice"), (bob, "bob")):
-        built = _build(student, f"FROM {curated_image}\nRUN echo {word} > /who\n", "myapp")
+        built = student.build(f"FROM {curated_image}\nRUN echo {word} > /who\n", tag="myapp")
         assert built.status == 200 and b"Successfully tagged myapp:latest" in built.body, built.body
         student.run("myapp", ["sleep", "60"], name="web")
         assert student.call("POST", "/volumes/create", {"Name": "data"}).status == 201
@@ -66,7 +53,7 @@ def test_two_students_same_names_no_crossing(
         assert bob.call("POST", f"/images/{ref}/tag?repo=stolen").status == 404
         created = bob.call("POST", "/containers/create", {"Image": ref, "Cmd": ["true"]})
         assert created.status == 404
-    stolen = _build(bob, f"FROM {a_image['Id']}\n", "stolen")
+    stolen = bob.build(f"FROM {a_image['Id']}\n", tag="stolen")
     assert stolen.status == 404
     exec_id = alice.call("POST", "/containers/web/exec", {"Cmd": ["true"]}).json()["Id"]
     assert bob.call("GET", f"/exec/{exec_id}/json").status == 404
@@ -81,3 +68,40 @@ def test_two_students_same_names_no_crossing(
 
     assert engine.inspect_container(a_web["Id"])["State"]["Running"]
     assert engine.inspect_image(a_image["Id"])
+
+
+def test_another_sites_student_with_the_same_session_id_is_someone_else(
+    student: StudentSession, curated_image: str, engine: docker.APIClient
+) -> None:
+    """Sites sharing an engine number their sessions alike; an image is a student's only on their own site."""
+    from sandbox.gateway.client import gateway_session_purge
+
+    other_site = {
+        "layercake.managed": "1",
+        "layercake.namespace": f"{settings.SANDBOX_NAMESPACE}-elsewhere",
+        "layercake.session": str(student.session_id),
+    }
+    output = list(
+        engine.build(
+            fileobj=io.BytesIO(dockerfile_context(f"FROM {curated_image}\nRUN echo elsewhere > /who\n")),
+            custom_context=True,
+            labels=other_site,
+            rm=True,
+            decode=True,
+        )
+    )
+    theirs = next(line["aux"]["ID"] for line in output if "aux" in line)
+    try:
+        assert student.build(f"FROM {curated_image}\nRUN echo mine > /who\n", tag="mine").status == 200
+        mine = student.call("GET", "/v1.41/images/mine/json").json()["Id"]
+        listed = {image["Id"] for image in student.call("GET", "/v1.41/images/json?all=1").json()}
+        assert mine in listed and theirs not in listed
+        assert student.call("GET", f"/v1.41/images/{theirs}/json").status == 404
+        pruned = student.call("POST", '/v1.41/images/prune?filters={"dangling":["false"]}')
+        assert pruned.status == 200, pruned.body
+        gateway_session_purge(session_id=student.session_id)
+        assert engine.inspect_image(theirs)["Id"] == theirs
+        with pytest.raises(docker.errors.NotFound):
+            engine.inspect_image(mine)
+    finally:
+        engine.remove_image(theirs, force=True)
