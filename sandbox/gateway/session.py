@@ -510,12 +510,34 @@ class StudentGateway:
                 raise HttpError(400, f"Multiple IDs found with provided prefix: {ref}")
         raise not_found_container(ref)
 
-    def _container_view(self, container: dict[str, Any]) -> dict[str, Any]:
+    async def _moved_images(self, containers: list[dict[str, Any]]) -> set[str]:
+        """The containers whose image, as the student named it, now names another image (or none): docker
+        then lists such a container with its image's ID. The engine shows the ID (it knows only the name
+        the gateway gave it) in these cases and when it was given an ID, so only those are looked up."""
+        suspects = [
+            c
+            for c in containers
+            if str(c.get("Image", "")).startswith("sha256:") and (c.get("Labels") or {}).get(IMAGE_LABEL)
+        ]
+        if not suspects:
+            return set()
+        views = await self.image_views()
+        moved = set()
+        for container in suspects:
+            try:
+                now = self._find_image(views, container["Labels"][IMAGE_LABEL]).id
+            except (HttpError, BadReference):
+                now = ""
+            if now != container.get("ImageID"):
+                moved.add(container["Id"])
+        return moved
+
+    def _container_view(self, container: dict[str, Any], *, image_moved: bool = False) -> dict[str, Any]:
         labels = container.get("Labels") or {}
         names = [self.namer.plain(n) for n in container.get("Names", []) if self.namer.owns_plain(n)]
         container["Names"] = names
         if labels.get(IMAGE_LABEL):
-            container["Image"] = labels[IMAGE_LABEL]
+            container["Image"] = container.get("ImageID", "") if image_moved else labels[IMAGE_LABEL]
         container["Labels"] = strip_labels(labels)
         ports = policy.parse_ports_label(labels.get(PORTS_LABEL, ""))
         if ports and container.get("State") == "running":
@@ -695,7 +717,8 @@ class StudentGateway:
         if request.flag("size"):
             query["size"] = "1"
         containers = await self.engine.json("GET", "/containers/json", query=query) or []
-        views = [self._container_view(c) for c in containers]
+        moved = await self._moved_images(containers)
+        views = [self._container_view(c, image_moved=c["Id"] in moved) for c in containers]
         if names:
             patterns = [policy.NamePattern(n) for n in names]
             views = [v for v in views if any(p.search(name) for p in patterns for name in v["Names"])]

@@ -129,14 +129,20 @@ def test_curriculum_commands_through_the_gateway(
     tty = ok(ws.docker(f"script -qec 'docker run -it --rm {image} sh -c tty' /dev/null"))
     assert "/dev/pts/" in tty
 
-    ok(ws.docker("docker build -t myapp . >/dev/null 2>&1"))
-    dangling = ok(ws.docker("docker images -q --filter dangling=true"))
-    assert len(dangling.split()) >= 0
+    # Rebuilding moves the name to a new image; the old one is left dangling, still the old container's.
+    ok(ws.docker("printf 'bye\\n' > hello.txt && docker build -t myapp . >/dev/null 2>&1"))
+    dangling = ok(ws.docker("docker images -q --filter dangling=true")).split()
+    assert len(dangling) == 1 and len(dangling[0]) == 12
+    assert ok(ws.docker("docker ps -a --filter name=user-of-myapp --format '{{.Image}}'")) == f"{dangling[0]}\n"
+    assert ok(ws.docker("docker ps -a --filter name=web --format '{{.Image}}'")) == f"{image}\n"
+    assert ok(ws.docker("docker start -a user-of-myapp")) == "hi\n"
+    assert ok(ws.docker("docker run --rm myapp")) == "bye\n"
+    refused = ws.docker(f"docker rmi {dangling[0]}")
+    assert refused[0] != 0 and "image is being used by stopped container" in refused[1], refused
     ok(ws.docker("docker rm -f $(docker ps -aq)"))
     assert ok(ws.docker("docker ps -aq")) == ""
     ok(ws.docker("docker rmi snapshot:v2 snapshot"))
-    if dangling.strip():
-        ok(ws.docker("docker rmi $(docker images -q --filter dangling=true)"))
+    ok(ws.docker("docker rmi $(docker images -q --filter dangling=true)"))
     assert ok(ws.docker("docker images -q --filter dangling=true")) == ""
     ok(ws.docker("docker image prune -f"))
     ok(ws.docker("docker container prune -f"))
