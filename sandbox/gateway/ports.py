@@ -13,9 +13,10 @@ with what should run and removes or creates the difference. It runs when a conta
 through the gateway (before `docker start` answers, so the port is ready when `docker run -d` returns), on
 the engine's start, die and destroy events, when a session is served (so a restarted gateway takes up where
 it was), and every minute. A forwarder whose socat exits (a listener in the student's shell holds the port)
-stays exited until its container starts again; nothing retries in a loop. When the start itself made the
-forwarder, the start waits until socat says it listens on every port, and a port that a listener in the
-student's shell already holds fails the start as docker fails it ("address already in use").
+stays exited until its container starts again; nothing retries in a loop. A port that a server in the
+student's shell already holds fails the start as docker fails it ("address already in use"): before the
+start, by reading what listens in the workstation; and should the server have come up meanwhile, after it,
+since the start waits until socat says it listens on every port.
 
 A host port belongs to one running container. Starting a second that asks for it fails as docker fails
 ("port is already allocated"); if the engine itself restarts one (a restart policy), the container that held
@@ -162,10 +163,24 @@ class PortForwards:
             if other["Id"] != container["Id"]
             for port in policy.parse_ports_label(_labels(other).get(PORTS_LABEL, ""))
         }
+        name = namer.plain((container.get("Names") or ["/"])[0]).lstrip("/")
         for port in wanted:
             if port.host_port in taken:
-                name = namer.plain((container.get("Names") or ["/"])[0]).lstrip("/")
                 raise port_allocated(name=name, container_id=container["Id"], port=port.host_port)
+        workstation = await self._workstation(record.session_id)
+        if workstation is None:
+            return
+        # What listens in the workstation that is not a forwarder is the student's own: docker would fail to
+        # bind the host port, and the container would not start.
+        forwarded = {
+            port.host_port
+            for forwarder in await self._forwarders(record.session_id)
+            for port in policy.parse_ports_label((forwarder.get("Labels") or {}).get(PORTS_LABEL, ""))
+        }
+        held = await self._listening_in(workstation) - forwarded
+        for port in wanted:
+            if port.host_port in held:
+                raise userland_proxy_failed(name=name, container_id=container["Id"], port=port.host_port)
 
     def check_started(self, record: SessionRecord, container: dict[str, Any], namer: Namer) -> None:
         """After a start and the sync that followed it, with the session's lock still held: refuse the start if
@@ -324,6 +339,43 @@ class PortForwards:
             started_at=str((detail.get("State") or {}).get("StartedAt", "")),
             ports=tuple(ports),
         )
+
+    async def _listening_in(self, workstation: WorkstationInfo) -> set[int]:
+        """The TCP ports something listens on in the workstation's network namespace, read from its
+        /proc/net/tcp and tcp6 by a process run there as nobody. Unknown counts as none."""
+        created = await self.engine.call(
+            "POST",
+            f"/containers/{workstation.id}/exec",
+            payload={
+                "Cmd": ["cat", "/proc/net/tcp", "/proc/net/tcp6"],
+                "AttachStdout": True,
+                "User": FORWARDER_USER,
+                "Tty": True,
+            },
+        )
+        if created.status != 201:
+            return set()
+        stream = await self.engine.open(
+            "POST",
+            f"/exec/{created.json()['Id']}/start",
+            body=json.dumps({"Detach": False, "Tty": True}).encode(),
+            headers=[("Content-Type", "application/json")],
+        )
+        try:
+            async with asyncio.timeout(LISTEN_WAIT_SECONDS):
+                if (await stream.head()).status != 200:
+                    return set()
+                table = await stream.read_all(4 * 1024 * 1024)
+        except (TimeoutError, ConnectionError, OSError, HttpError):
+            log.warning("could not read what listens in the workstation %s", workstation.id[:12])
+            return set()
+        finally:
+            stream.close()
+        return {
+            int(fields[1].rsplit(":", 1)[1], 16)
+            for fields in (line.split() for line in table.decode("ascii", "replace").splitlines())
+            if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]
+        }
 
     async def _published_before(self, session_id: int) -> list[tuple[str, int]]:
         try:
