@@ -727,8 +727,7 @@ class StudentGateway:
             views = views[: int(limit)]
         await side.respond(200, self.namer.unmask(json.dumps(views)).encode() + b"\n")
 
-    async def _own_memory(self, *, exclude: str = "") -> int:
-        containers = await self.own_containers()
+    async def _own_memory(self, containers: list[dict[str, Any]], *, exclude: str = "") -> int:
         details = await asyncio.gather(
             *(self.engine.json("GET", f"/containers/{c['Id']}/json") for c in containers if c["Id"] != exclude),
             return_exceptions=True,
@@ -742,25 +741,33 @@ class StudentGateway:
     async def container_create(self, side: ServerSide, request: Request) -> None:
         plan = policy.container_create_plan(body=request.json(), limits=self.limits, network=self.network)
         name = request.arg("name")
-        if name:
-            engine_name = self.namer.container(name)
-            name = name.lstrip("/")
-        else:
-            name, engine_name = await self._random_name()
-        image = await self.resolve_image(plan.image)
+        engine_name = self.namer.container(name) if name else ""
         async with self.budget_lock:
-            await self._create_within_budget(side, plan, name=name, engine_name=engine_name, image=image)
+            image, containers = await asyncio.gather(self.resolve_image(plan.image), self.own_containers())
+            if name:
+                name = name.lstrip("/")
+            else:
+                name, engine_name = self._random_name(containers)
+            await self._create_within_budget(
+                side, plan, name=name, engine_name=engine_name, image=image, containers=containers
+            )
 
     async def _create_within_budget(
-        self, side: ServerSide, plan: policy.CreatePlan, *, name: str, engine_name: str, image: ImageView
+        self,
+        side: ServerSide,
+        plan: policy.CreatePlan,
+        *,
+        name: str,
+        engine_name: str,
+        image: ImageView,
+        containers: list[dict[str, Any]],
     ) -> None:
-        containers = await self.own_containers()
         if len(containers) >= self.record.max_containers:
             raise policy.Refused(
                 f"your sandbox may hold at most {self.record.max_containers} containers; remove some with "
                 "docker rm (docker ps -a lists them)"
             )
-        used = await self._own_memory()
+        used = await self._own_memory(containers)
         budget = self.record.memory_budget_mb * MB
         if used + plan.memory > budget:
             raise policy.Refused(
@@ -817,8 +824,8 @@ class StudentGateway:
             return repo if split_repo_tag(typed)[1] == "" else f"{repo}:{ref.tag}"
         return image.id
 
-    async def _random_name(self) -> tuple[str, str]:
-        taken = {n for c in await self.own_containers() for n in c.get("Names", [])}
+    def _random_name(self, containers: list[dict[str, Any]]) -> tuple[str, str]:
+        taken = {n for c in containers for n in c.get("Names", [])}
         for _ in range(20):
             name = f"{secrets.choice(ADJECTIVES)}_{secrets.choice(SURNAMES)}"
             engine_name = self.namer.container(name)
@@ -960,7 +967,7 @@ class StudentGateway:
         plan = policy.container_update_plan(body=request.json(), limits=self.limits)
         async with self.budget_lock:
             if plan.memory is not None:
-                used = await self._own_memory(exclude=container["Id"])
+                used = await self._own_memory(await self.own_containers(), exclude=container["Id"])
                 budget = self.record.memory_budget_mb * MB
                 if used + plan.memory > budget:
                     raise policy.Refused(
