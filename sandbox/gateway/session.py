@@ -42,6 +42,7 @@ IMAGE_LABEL = "layercake.image"
 PORTS_LABEL = "layercake.ports"
 MB = 1024 * 1024
 VERSION_RE = re.compile(r"^/v(\d+)\.(\d+)(/.*)$")
+ANONYMOUS_VOLUME_RE = re.compile(r"[0-9a-f]{64}")
 # One student's sandbox needs a handful of connections; a cap keeps one from using up the gateway's files.
 MAX_CONNECTIONS = 64
 # Builds hold their whole context in memory while it is checked.
@@ -997,7 +998,23 @@ class StudentGateway:
     async def container_prune(self, side: ServerSide, request: Request) -> None:
         wanted = self._student_filters(request, {"until", "label"})
         filters = json.loads(self._containers_filter(wanted))
+        # The engine's prune keeps the containers' anonymous volumes, as docker rm without -v does; they
+        # carry no label, so nothing could find them again. They go with their containers, as every removal
+        # through the gateway takes them (the student never sees anonymous volumes).
+        stopped = await self.own_containers(extra={"status": ["created", "exited", "dead"]})
+        anonymous = {
+            c["Id"]: [
+                str(m["Name"])
+                for m in c.get("Mounts") or []
+                if m.get("Type") == "volume" and ANONYMOUS_VOLUME_RE.fullmatch(str(m.get("Name", "")))
+            ]
+            for c in stopped
+        }
         response = await self.engine.call("POST", "/containers/prune", query={"filters": json.dumps(filters)})
+        if response.status < 300:
+            for container_id in (response.json() or {}).get("ContainersDeleted") or []:
+                for volume in anonymous.get(container_id, []):
+                    await self.engine.call("DELETE", f"/volumes/{q(volume)}")
         await self._respond_engine(side, response)
 
     async def container_attach(self, side: ServerSide, request: Request, ref: str) -> None:

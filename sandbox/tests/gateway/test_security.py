@@ -223,3 +223,26 @@ def test_prune_touches_only_the_students_own(
     )
     engine.inspect_image(curated_image)
     assert one.call("POST", "/v1.41/networks/prune").status == 403
+
+
+def test_anonymous_volumes_go_with_their_containers(
+    student: StudentSession, curated_image: str, engine: docker.APIClient
+) -> None:
+    """They carry no label, so a volume left behind would be found by nothing; docker rm (without -v) and
+    docker container prune both take them, and the student's own named volume stays."""
+    volumes = []
+    for name in ("pruned", "removed"):
+        container = student.run(curated_image, ["true"], name=name, Volumes={"/data": {}})
+        assert student.call("POST", f"/v1.41/containers/{container}/wait").status == 200
+        mounts = engine.inspect_container(container)["Mounts"]
+        assert [m["Type"] for m in mounts] == ["volume"]
+        volumes.append(mounts[0]["Name"])
+    kept = student.run(curated_image, ["true"], name="kept", HostConfig={"Binds": ["notes:/notes"]})
+    assert student.call("POST", f"/v1.41/containers/{kept}/wait").status == 200
+    assert student.call("DELETE", "/v1.41/containers/removed").status == 204
+    pruned = student.call("POST", "/v1.41/containers/prune")
+    assert pruned.status == 200 and len(pruned.json()["ContainersDeleted"]) == 2, pruned.body
+    for volume in volumes:
+        with pytest.raises(docker.errors.NotFound):
+            engine.inspect_volume(volume)
+    assert [v["Name"] for v in student.call("GET", "/v1.41/volumes").json()["Volumes"]] == ["notes"]
