@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -42,6 +43,19 @@ CONTAINER_EVENTS = {
     "unpause": "container.unpaused",
 }
 PORTS_EVENTS = {"container.started", "container.stopped", "container.removed"}
+
+
+def open_files_limit() -> int:
+    """Raise this process's limit on open files to what the system allows, and return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def expired(record: SessionRecord) -> bool:
@@ -78,6 +92,10 @@ class Gateway:
         self.events = EventPublisher(redis=self.redis, namespace=config.namespace)
         self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis)
         self.sessions: dict[int, SessionServer] = {}
+        # Each student connection may hold one to the engine as well; what is left serves the sockets,
+        # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no
+        # student can starve the others of the gateway's open files.
+        self.max_connections = max(open_files_limit() // 3, 64)
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -176,6 +194,12 @@ class Gateway:
             async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 task = asyncio.current_task()
                 assert holder is not None and task is not None
+                if sum(len(h.connections) for h in self.sessions.values()) >= self.max_connections:
+                    log.warning(
+                        "session %s: refusing a connection: the gateway is full", holder.gateway.record.session_id
+                    )
+                    writer.close()
+                    return
                 holder.connections.add(task)  # type: ignore[arg-type]
                 try:
                     if expired(holder.gateway.record):

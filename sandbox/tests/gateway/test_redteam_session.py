@@ -2,17 +2,28 @@
 the gateway for the others, raise the budget by racing it, or show where the engine keeps things on the host."""
 
 import json
+import os
+import resource
+import select
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import docker
 import pytest
+import redis
+from django.conf import settings
 
-from .conftest import StudentSession, owned_objects
+from sandbox.gateway.registry import SessionRecord
+
+from .conftest import BASE_DIR, StudentSession, _wait_for_socket, owned_objects
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
 
@@ -129,3 +140,80 @@ def test_malformed_filters_are_answered(student: StudentSession, query: str) -> 
     assert answer.status == 400, answer.body
     built = student.call("POST", "/v1.41/build?labels=%7Bbad", body=b"", headers={"Content-Type": "x"})
     assert built.status == 400 and "invalid labels" in built.message
+
+
+def _held_open(path: Path, count: int) -> list[socket.socket]:
+    held = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\n")  # never finishes its head
+        held.append(sock)
+    return held
+
+
+def _closed_by_the_gateway(socks: list[socket.socket]) -> list[socket.socket]:
+    readable, _, _ = select.select(socks, [], [], 0.5)
+    closed = []
+    for sock in readable:
+        try:
+            if sock.recv(1) == b"":
+                closed.append(sock)
+        except OSError:
+            closed.append(sock)
+    return closed
+
+
+def test_all_students_together_cannot_use_up_the_gateways_open_files() -> None:
+    """A gateway allowed few open files serves connections up to its share of them, across every session,
+    and refuses the rest at once rather than failing to accept anything."""
+    namespace = f"{settings.SANDBOX_NAMESPACE}fd"
+    directory = Path(settings.GATEWAY_DIR).parent / namespace
+    env = {**os.environ, "LAYERCAKE_SANDBOX_NAMESPACE": namespace, "LAYERCAKE_GATEWAY_DIR": str(directory)}
+    env["DJANGO_SETTINGS_MODULE"] = "tutorial.settings.test"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    sessions_key = f"{namespace}:gateway:sessions"
+    ids = [2_100_000_000 + n for n in range(2)]
+    for session_id in ids:
+        record = SessionRecord(session_id, "owner", int(time.time()) + 600, 64, 1)
+        client.hset(sessions_key, str(session_id), record.dumps())
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (210, 210))
+
+    gateway = subprocess.Popen(
+        [sys.executable, "manage.py", "gateway"],
+        cwd=BASE_DIR,
+        env=env,
+        preexec_fn=few_files,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    held: list[socket.socket] = []
+    try:
+        first, second = (directory / str(session_id) / "docker.sock" for session_id in ids)
+        _wait_for_socket(first)
+        _wait_for_socket(second)
+        # 210 files allow 70 connections: one session holds its own most (64), the other what is left.
+        held += _held_open(first, 64)
+        held += _held_open(second, 6)
+        time.sleep(0.5)
+        assert _closed_by_the_gateway(held) == []
+        late = _held_open(second, 1)
+        held += late
+        assert _closed_by_the_gateway(late) == late
+        for sock in held[:10]:
+            sock.close()
+        time.sleep(0.5)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(second))
+            sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
+        gateway.terminate()
+        gateway.wait(timeout=10)
+        client.delete(sessions_key)
+        client.close()
+        shutil.rmtree(directory, ignore_errors=True)
