@@ -42,6 +42,9 @@ class Sandbox(models.Model):
     owner_key = models.CharField(max_length=64, db_index=True, help_text="The browser session that owns it.")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     lesson = models.ForeignKey("lessons.Lesson", null=True, blank=True, on_delete=models.SET_NULL)
+    client_network = models.CharField(
+        max_length=64, blank=True, db_index=True, help_text="Where the request that started it came from."
+    )
     image = models.CharField(max_length=200)
     state = models.CharField(max_length=16, choices=SandboxState.choices, default=SandboxState.QUEUED)
     end_reason = models.CharField(max_length=16, choices=EndReason.choices, default=EndReason.NONE, blank=True)

@@ -1,5 +1,6 @@
 """Everything that changes a sandbox's state. Views, tasks and consumers call these and nothing else."""
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,7 +33,7 @@ class SandboxFull(Exception):
 
 
 class TooManySandboxes(Exception):
-    """The owner already has as many live sandboxes as one owner may: they should stop one."""
+    """The owner, or their network, already has as many live sandboxes as it may: one should be stopped."""
 
 
 def sandbox_group(sandbox_id: int) -> str:
@@ -66,10 +67,32 @@ def _image_for(lesson: Lesson | None) -> str:
     return (lesson.image if lesson and lesson.image else "") or settings.SANDBOX_IMAGE
 
 
+def client_network(address: str) -> str:
+    """The network a client's address stands for: the address itself for IPv4, its /64 for IPv6 (one
+    machine commonly holds a whole /64). Empty for no address."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return ""
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
 def sandbox_start(
-    *, owner_key: str, user: AbstractBaseUser | AnonymousUser | None, lesson: Lesson | None
+    *,
+    owner_key: str,
+    user: AbstractBaseUser | AnonymousUser | None,
+    lesson: Lesson | None,
+    client_address: str = "",
 ) -> Sandbox:
-    """The owner's live sandbox for this lesson, or a new one queued for launch."""
+    """The owner's live sandbox for this lesson, or a new one queued for launch.
+
+    An owner may have SANDBOX_PER_OWNER live sandboxes, and the clients of one network SANDBOX_PER_NETWORK
+    together: an owner is only a browser session, which a script can throw away and get anew."""
+    network = client_network(client_address)
     with transaction.atomic():
         existing = Sandbox.objects.active().filter(owner_key=owner_key, lesson=lesson).first()
         if existing is not None:
@@ -80,6 +103,13 @@ def sandbox_start(
             raise TooManySandboxes(
                 f"You already have {len(others)} sandboxes running ({where}). Stop one to start another."
             )
+        if (
+            network
+            and Sandbox.objects.active().filter(client_network=network).count() >= settings.SANDBOX_PER_NETWORK
+        ):
+            raise TooManySandboxes(
+                "Every sandbox your network may have at once is in use. Try again when someone there stops one."
+            )
         if Sandbox.objects.active().count() >= settings.SANDBOX_CAPACITY:
             raise SandboxFull("Every sandbox on this host is in use. Try again in a minute.")
         now = timezone.now()
@@ -87,6 +117,7 @@ def sandbox_start(
             owner_key=owner_key,
             user_id=user.pk if user is not None and user.is_authenticated else None,
             lesson=lesson,
+            client_network=network,
             image=_image_for(lesson),
             state=SandboxState.QUEUED,
             last_activity_at=now,

@@ -26,7 +26,12 @@ def start(request: HttpRequest) -> HttpResponse:
     lesson = get_object_or_404(Lesson, slug=request.POST.get("lesson", ""))
     owner_key = owner_key_for_request(request)
     try:
-        sandbox = services.sandbox_start(owner_key=owner_key, user=request.user, lesson=lesson)
+        sandbox = services.sandbox_start(
+            owner_key=owner_key,
+            user=request.user,
+            lesson=lesson,
+            client_address=request.META.get("REMOTE_ADDR", ""),
+        )
     except services.TooManySandboxes as exc:
         response = _panel(request, lesson=lesson, sandbox=None, error=str(exc))
         response.status_code = 429

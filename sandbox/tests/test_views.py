@@ -83,3 +83,26 @@ def test_one_owner_cannot_fill_the_host(lesson: Lesson, django_capture_on_commit
         assert student.post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true").status_code == 200
         assert Client().post("/sandbox/start/", {"lesson": "three"}, HTTP_HX_REQUEST="true").status_code == 200
     assert Sandbox.objects.count() == 3
+
+
+@override_settings(SANDBOX_PER_OWNER=2, SANDBOX_PER_NETWORK=3)
+def test_one_network_cannot_fill_the_host_by_throwing_its_cookies_away(
+    lesson: Lesson, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    def start(address: str) -> int:
+        # A new client each time: no cookie, so a new owner.
+        return (
+            Client(REMOTE_ADDR=address)
+            .post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true")
+            .status_code
+        )
+
+    with django_capture_on_commit_callbacks(execute=False):
+        assert [start("203.0.113.7") for _ in range(4)] == [200, 200, 200, 429]
+        # One machine of IPv6 holds a whole /64; another network is not held back.
+        assert [start(f"2001:db8:1:2::{n}") for n in range(1, 5)] == [200, 200, 200, 429]
+        assert start("2001:db8:1:3::1") == 200
+        assert start("198.51.100.1") == 200
+    refused = Client(REMOTE_ADDR="203.0.113.7").post("/sandbox/start/", {"lesson": "one"}, HTTP_HX_REQUEST="true")
+    assert "Every sandbox your network may have at once is in use" in refused.content.decode()
+    assert Sandbox.objects.count() == 8

@@ -122,6 +122,8 @@ SANDBOX_MAX_AGE = env_int("LAYERCAKE_SANDBOX_MAX_AGE", 60 * 60)
 SANDBOX_CAPACITY = env_int("LAYERCAKE_SANDBOX_CAPACITY", 24)
 # Live sandboxes one owner may hold at once, across lessons: one student cannot fill the host.
 SANDBOX_PER_OWNER = env_int("LAYERCAKE_SANDBOX_PER_OWNER", 2)
+# A workshop room behind one address needs as many as it has students: raise it for the workshop.
+SANDBOX_PER_NETWORK = env_int("LAYERCAKE_SANDBOX_PER_NETWORK", 12)
 SANDBOX_MEMORY_MB = env_int("LAYERCAKE_SANDBOX_MEMORY_MB", 256)
 SANDBOX_CPU_MILLI = env_int("LAYERCAKE_SANDBOX_CPU_MILLI", 500)
 SANDBOX_PIDS_LIMIT = env_int("LAYERCAKE_SANDBOX_PIDS_LIMIT", 256)
