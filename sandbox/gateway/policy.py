@@ -608,6 +608,65 @@ def exec_start_body(body: Any) -> dict[str, Any]:
     return out
 
 
+# `docker top` runs ps on the host over every process and keeps the rows whose PID column is the container's;
+# rows whose PID column reads "-" stay with the row above (threads). A column renamed PID (`rtprio=PID`), a
+# value of more than one word before the PID column (`lstart`, a `comm` the student set to "x 4242") or a
+# security label ("docker-default (enforce)") would make that column read something else, and show the host's
+# processes. So the format is only what reads one word per column, the command last.
+TOP_FORMAT_LETTERS = frozenset("fFjluv")
+TOP_STD_FLAGS_RE = re.compile(r"-[AaefFjlLHmwy]+")
+TOP_BSD_FLAGS_RE = re.compile(r"[auxefjlmvwH]+")
+TOP_FORMAT_OPTION_RE = re.compile(r"-([AaeLHmwy]*)o(.*)|o")
+_TOP_ONE_WORD_COLUMNS = (
+    "pid ppid pgid pgrp sid sess tid lwp spid tgid nlwp thcount user euser ruser uid euid ruid gid egid rgid "
+    "group egroup rgroup stat state s tty tt tname time cputime etime etimes pcpu %cpu c pmem %mem rss rssize "
+    "rsz vsz vsize sz ni nice pri psr f flags stime start bsdstart bsdtime wchan"
+)
+TOP_ONE_WORD_COLUMNS = frozenset(_TOP_ONE_WORD_COLUMNS.split())
+_TOP_LAST_COLUMNS = "args cmd command comm ucmd ucomm"
+TOP_LAST_COLUMNS = frozenset(_TOP_LAST_COLUMNS.split())
+
+
+def top_args(text: str) -> str:
+    """The ps options of `docker top`, if they keep each row's PID column its own."""
+    refused = HttpError(
+        400,
+        "unsupported ps options for docker top in the sandbox: use ps flags such as -ef or aux, or -o with "
+        "plain column names (the command last)",
+    )
+    if len(text) > 128 or not re.fullmatch(r"[ -~]*", text):
+        raise refused
+    tokens = text.split()
+    letters = ""
+    columns: list[str] = []
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        index += 1
+        format_option = TOP_FORMAT_OPTION_RE.fullmatch(token)
+        if format_option:
+            letters += format_option.group(1) or ""
+            listed = format_option.group(2)
+            if not listed:
+                if index >= len(tokens):
+                    raise refused
+                listed = tokens[index]
+                index += 1
+            columns += listed.split(",")
+        elif TOP_STD_FLAGS_RE.fullmatch(token) or TOP_BSD_FLAGS_RE.fullmatch(token):
+            letters += token.lstrip("-")
+        else:
+            raise refused
+    if columns:
+        if TOP_FORMAT_LETTERS & set(letters) or "pid" not in columns:
+            raise refused
+        for position, column in enumerate(columns):
+            last = position == len(columns) - 1
+            if column not in TOP_ONE_WORD_COLUMNS and not (last and column in TOP_LAST_COLUMNS):
+                raise refused
+    return " ".join(tokens)
+
+
 def volume_create_body(body: Any) -> tuple[str, dict[str, str]]:
     spec = Fields(body, "VolumeCreate")
     name = _typed(spec.take("Name", ""), str, "Name")
