@@ -47,6 +47,9 @@ ANONYMOUS_VOLUME_RE = re.compile(r"[0-9a-f]{64}")
 MAX_CONNECTIONS = 64
 # Builds hold their whole context in memory while it is checked.
 MAX_CONCURRENT_BUILDS = 2
+# A lesson names a handful of images; these leave room for a whole course.
+MAX_IMAGE_TAGS = 100
+MAX_IMAGES = 100
 PASS_HEADERS = ("content-type", "api-version", "docker-experimental", "ostype", "server")
 
 _ADJECTIVES_WORDS = (
@@ -1244,11 +1247,27 @@ class StudentGateway:
                 "choose another name"
             )
 
+    def _refuse_more_images(self, views: list[ImageView], *, tags: list[str], new_image: bool) -> None:
+        """Every student's every command reads the engine's whole list of images: one student's thousands of
+        names (a tag costs the engine nothing) would slow it for all, and past its size fail it for all."""
+        own_tags = {tag for view in views for tag in view.own_tags}
+        if len(own_tags | set(tags)) > MAX_IMAGE_TAGS:
+            raise policy.Refused(
+                f"your sandbox may give its images at most {MAX_IMAGE_TAGS} names; remove some with "
+                "docker image rm (docker images lists them)"
+            )
+        if new_image and sum(1 for view in views if view.own or view.own_tags) >= MAX_IMAGES:
+            raise policy.Refused(
+                f"your sandbox may hold at most {MAX_IMAGES} images; remove some with docker image rm or "
+                "docker image prune (docker images -a lists them)"
+            )
+
     async def image_tag(self, side: ServerSide, request: Request, ref: str) -> None:
         views = await self.image_views()
         source = self._find_image(views, ref)
         target, engine_tag = self._student_target(request.arg("repo"), request.arg("tag"))
         await self._refuse_curated_name(target, views)
+        self._refuse_more_images(views, tags=[engine_tag], new_image=False)
         repo, tag = split_repo_tag(engine_tag)
         response = await self.engine.call("POST", f"/images/{source.id}/tag", query={"repo": repo, "tag": tag})
         await self._respond_engine(side, response)
@@ -1354,11 +1373,15 @@ class StudentGateway:
         changes.append("LABEL " + " ".join(self._image_owner_labels()))
         query: list[tuple[str, str]] = [("container", container["Id"])]
         target: Reference | None = None
+        views = await self.image_views()
+        engine_tags = []
         if request.arg("repo"):
             target, engine_tag = self._student_target(request.arg("repo"), request.arg("tag"))
-            await self._refuse_curated_name(target)
+            await self._refuse_curated_name(target, views)
             repo, tag = split_repo_tag(engine_tag)
             query += [("repo", repo), ("tag", tag)]
+            engine_tags.append(engine_tag)
+        self._refuse_more_images(views, tags=engine_tags, new_image=True)
         for key in ("comment", "author"):
             if request.arg(key):
                 query.append((key, request.arg(key)))
@@ -1406,6 +1429,7 @@ class StudentGateway:
             await self._refuse_curated_name(target, views)
             tags.append(engine_tag)
             targets.append(target.familiar)
+        self._refuse_more_images(views, tags=tags, new_image=True)
         labels = policy.student_labels(json_arg(request, "labels"), "labels")
         labels.update(self._image_owner())
         build_args = json_arg(request, "buildargs")
