@@ -182,7 +182,9 @@ class DockerBackend(SandboxBackend):
                 memory_budget_mb=settings.SANDBOX_STUDENT_MEMORY_MB,
                 max_containers=settings.SANDBOX_STUDENT_MAX_CONTAINERS,
             )
-            binds.append(f"{directory}:{GATEWAY_MOUNT}:rw")
+            # Read-only, whoever owns the directory: connecting to the socket needs no write to the mount, and
+            # nothing in the workstation may replace the socket, or plant a link where the gateway makes it.
+            binds.append(f"{directory}:{GATEWAY_MOUNT}:ro")
         # The image's own user runs the shell; a root shell keeps the few capabilities it needs.
         runs_as_root = (image.get("User") or "root").split(":")[0] in ("", "0", "root")
         host_config = api.create_host_config(

@@ -213,8 +213,9 @@ class Gateway:
             with contextlib.suppress(FileNotFoundError):
                 staging.unlink()
             server = await asyncio.start_unix_server(on_connection, path=str(staging), limit=1024 * 1024)
-            os.chown(staging, self.config.socket_uid, self.config.socket_gid)
-            os.chmod(staging, 0o660)
+            # Never through a link, should one be where the socket was just made.
+            os.chown(staging, self.config.socket_uid, self.config.socket_gid, follow_symlinks=False)
+            os.chmod(staging, 0o660, follow_symlinks=False)
             os.replace(staging, path)
             holder = SessionServer(gateway, server, path)
             self._arm_expiry(holder)
