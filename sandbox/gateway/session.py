@@ -50,6 +50,7 @@ MAX_CONCURRENT_BUILDS = 2
 # A lesson names a handful of images; these leave room for a whole course.
 MAX_IMAGE_TAGS = 100
 MAX_IMAGES = 100
+MAX_VOLUMES = 50
 PASS_HEADERS = ("content-type", "api-version", "docker-experimental", "ostype", "server")
 
 _ADJECTIVES_WORDS = (
@@ -838,11 +839,22 @@ class StudentGateway:
         name = f"{secrets.choice(ADJECTIVES)}_{secrets.choice(SURNAMES)}{secrets.randbelow(10)}"
         return name, self.namer.container(name)
 
+    async def _refuse_more_volumes(self) -> None:
+        """A volume is a directory on the engine's disk that outlives its containers; the engine lists them all
+        for every student's docker volume ls."""
+        result = await self.engine.json("GET", "/volumes", query={"filters": self._own_filter()})
+        if len(result.get("Volumes") or []) >= MAX_VOLUMES:
+            raise policy.Refused(
+                f"your sandbox may hold at most {MAX_VOLUMES} volumes; remove some with docker volume rm "
+                "(docker volume ls lists them)"
+            )
+
     async def _ensure_volume(self, name: str) -> str:
         engine_name = self.namer.volume(name)
         response = await self.engine.call("GET", f"/volumes/{q(engine_name)}")
         if response.status == 200:
             return engine_name
+        await self._refuse_more_volumes()
         await self.engine.json(
             "POST",
             "/volumes/create",
@@ -1514,7 +1526,10 @@ class StudentGateway:
         name = name or secrets.token_hex(32)
         engine_name = self.namer.volume(name)
         payload = {"Name": engine_name, "Driver": "local", "Labels": {**labels, **self._labels("student-volume")}}
-        response = await self.engine.call("POST", "/volumes/create", payload=payload)
+        async with self.budget_lock:
+            if (await self.engine.call("GET", f"/volumes/{q(engine_name)}")).status != 200:
+                await self._refuse_more_volumes()
+            response = await self.engine.call("POST", "/volumes/create", payload=payload)
         if response.status >= 400:
             raise HttpError(response.status, self.namer.unmask(response.message))
         await side.respond(201, self.namer.unmask(json.dumps(self._volume_view(response.json()))).encode() + b"\n")

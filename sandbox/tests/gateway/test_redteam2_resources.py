@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import pytest
 
-from sandbox.gateway.session import MAX_IMAGE_TAGS
+from sandbox.gateway.session import MAX_IMAGE_TAGS, MAX_VOLUMES
 
 from .conftest import StudentSession
 
@@ -35,3 +35,25 @@ def test_a_sandbox_gives_its_images_a_bounded_number_of_names(student_factory: A
     removed = alice.call("DELETE", "/v1.41/images/name0:latest")
     assert removed.status == 200, removed.body
     assert _tag(alice, "mine:v1", "one-more").status == 201
+
+
+def test_a_sandbox_holds_a_bounded_number_of_volumes(student_factory: Any, curated_image: str) -> None:
+    alice: StudentSession = student_factory()
+    for index in range(MAX_VOLUMES):
+        created = alice.call("POST", "/v1.41/volumes/create", {"Name": f"data{index}"})
+        assert created.status == 201, created.body
+    refused = alice.call("POST", "/v1.41/volumes/create", {"Name": "one-too-many"})
+    assert refused.status == 403 and "at most" in refused.message, refused.body
+    assert alice.call("POST", "/v1.41/volumes/create", {}).status == 403
+    run = alice.call(
+        "POST", "/v1.41/containers/create", {"Image": curated_image, "HostConfig": {"Binds": ["fresh:/data"]}}
+    )
+    assert run.status == 403, run.body
+    # What exists is used as before, and a volume removed makes room.
+    assert alice.call("POST", "/v1.41/volumes/create", {"Name": "data0"}).status == 201
+    reused = alice.call(
+        "POST", "/v1.41/containers/create", {"Image": curated_image, "HostConfig": {"Binds": ["data1:/data"]}}
+    )
+    assert reused.status == 201, reused.body
+    assert alice.call("DELETE", "/v1.41/volumes/data2").status == 204
+    assert alice.call("POST", "/v1.41/volumes/create", {"Name": "one-more"}).status == 201
