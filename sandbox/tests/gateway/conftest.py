@@ -360,7 +360,7 @@ def workstation_factory(engine: docker.APIClient) -> Iterator[Any]:
         container_id = _start_workstation(
             engine,
             name=name,
-            binds=[f"{session.directory}:/run/layercake:rw"],
+            binds=[f"{session.directory}:/run/layercake:ro"],
             network=session.network,
             user="1000",
         )
