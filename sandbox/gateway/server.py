@@ -29,7 +29,7 @@ from .events import EventPublisher
 from .http import ClientGone, EngineStream, HttpError, ServerSide
 from .ports import SYNC_SECONDS, PortForwards
 from .registry import SessionRecord
-from .session import IMAGE_LABEL, NAMESPACE, PORTS_LABEL, ROLE, SESSION, StudentGateway
+from .session import IMAGE_LABEL, MAX_GATEWAY_BUILDS, NAMESPACE, PORTS_LABEL, ROLE, SESSION, StudentGateway
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Gateway:
         self.events = EventPublisher(redis=self.redis, namespace=config.namespace)
         self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis)
         self.sessions: dict[int, SessionServer] = {}
+        self.builds = asyncio.Semaphore(MAX_GATEWAY_BUILDS)
         # Each student connection may hold one to the engine as well; what is left serves the sockets,
         # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no
         # student can starve the others of the gateway's open files.
@@ -187,7 +188,12 @@ class Gateway:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             gateway = StudentGateway(
-                record=record, config=self.config, engine=self.engine, events=self.events, ports=self.ports
+                record=record,
+                config=self.config,
+                engine=self.engine,
+                events=self.events,
+                ports=self.ports,
+                builds=self.builds,
             )
             holder: SessionServer | None = None
 

@@ -47,6 +47,7 @@ ANONYMOUS_VOLUME_RE = re.compile(r"[0-9a-f]{64}")
 MAX_CONNECTIONS = 64
 # Builds hold their whole context in memory while it is checked.
 MAX_CONCURRENT_BUILDS = 2
+MAX_GATEWAY_BUILDS = 4
 # A lesson names a handful of images; these leave room for a whole course.
 MAX_IMAGE_TAGS = 100
 MAX_IMAGES = 100
@@ -202,6 +203,7 @@ class StudentGateway:
         engine: Engine,
         events: EventPublisher,
         ports: "PortForwards | None" = None,
+        builds: asyncio.Semaphore | None = None,
     ) -> None:
         self.record = record
         self.config = config
@@ -226,6 +228,8 @@ class StudentGateway:
         # Checking the budget and creating under one lock, or two requests at once would both fit.
         self.budget_lock = asyncio.Lock()
         self.builds = asyncio.Semaphore(MAX_CONCURRENT_BUILDS)
+        # Each build holds its context (and a rewritten copy) in memory: the gateway as a whole runs a few.
+        self.gateway_builds = builds or asyncio.Semaphore(MAX_GATEWAY_BUILDS)
 
     # Routing.
 
@@ -364,7 +368,7 @@ class StudentGateway:
             return False
         route, params = found
         if route.body_limit == "build":
-            async with self.builds:
+            async with self.builds, self.gateway_builds:
                 return await self._handle(side, request, route, params, self.config.build_context_max)
         return await self._handle(side, request, route, params, self.config.json_body_max)
 

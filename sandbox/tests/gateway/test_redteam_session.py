@@ -217,3 +217,37 @@ def test_all_students_together_cannot_use_up_the_gateways_open_files() -> None:
         client.delete(sessions_key)
         client.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_gateway_runs_a_few_builds_at_once_whoever_asks(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    """Each build holds its context in the gateway's memory: a room of students building at once waits for
+    a few slots rather than filling it."""
+    from sandbox.gateway.session import MAX_CONCURRENT_BUILDS, MAX_GATEWAY_BUILDS
+
+    students = [student_factory() for _ in range(3)]
+    builds = [s for s in students for _ in range(MAX_CONCURRENT_BUILDS)]
+    assert len(builds) > MAX_GATEWAY_BUILDS
+    image_id = engine.inspect_image(curated_image)["Id"]
+
+    def build(args: tuple[int, StudentSession]) -> int:
+        index, student = args
+        return student.build(f"FROM {curated_image}\nRUN sleep 3 && echo {index}\n", tag=f"slow{index}").status
+
+    seen = 0
+    with ThreadPoolExecutor(max_workers=len(builds)) as pool:
+        running = pool.map(build, enumerate(builds))
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            # A RUN step's container carries its image's labels, but none of a sandbox role.
+            steps = [
+                c
+                for c in engine.containers(filters={"ancestor": image_id})
+                if "layercake.role" not in (c.get("Labels") or {})
+            ]
+            seen = max(seen, len(steps))
+            time.sleep(0.2)
+        statuses = list(running)
+    assert statuses == [200] * len(builds)
+    assert seen == MAX_GATEWAY_BUILDS
