@@ -32,6 +32,7 @@ that the feature is not available in the sandbox. For the endpoints that exist:
 
 import bz2
 import io
+import json
 import lzma
 import posixpath
 import re
@@ -806,7 +807,13 @@ INSTRUCTIONS = frozenset(
 UNUSUAL_CHARACTERS_RE = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]|\r(?!\n)"
 )
-DIRECTIVE_RE = re.compile(r"#[ \t]*([a-zA-Z][a-zA-Z0-9]*)[ \t]*=[ \t]*(.+?)[ \t]*")
+# Matched against a line whose trailing blanks are gone, so that it takes time linear in the line.
+DIRECTIVE_RE = re.compile(r"#[ \t]*([a-zA-Z][a-zA-Z0-9]*)[ \t]*=[ \t]*([^ \t].*)")
+GO_DURATION_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h)")
+GO_DURATION_PART_RE = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9}
+DURATION_UNITS["h"] = 3600 * 10**9
+DOCKERFILE_MAX = 256 * 1024
 BLANKS_RE = re.compile(r"[ \t]+")
 # Read the same with or without the shell-like word processing docker applies to image names.
 PLAIN_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]*")
@@ -856,7 +863,7 @@ def parse_dockerfile(text: str) -> Dockerfile:
         raise Refused("the Dockerfile holds control characters or unusual white space, which the sandbox refuses")
     lines = text.replace("\r\n", "\n").split("\n")
     escape = "\\"
-    first = DIRECTIVE_RE.fullmatch(lines[0].lstrip(" \t"))
+    first = DIRECTIVE_RE.fullmatch(lines[0].strip(" \t"))
     if first and first.group(1).lower() == "escape":
         if first.group(2) not in ("\\", "`"):
             raise HttpError(400, f"invalid ESCAPE '{first.group(2)}'. Must be ` or \\")
@@ -865,7 +872,7 @@ def parse_dockerfile(text: str) -> Dockerfile:
         stripped = line.lstrip(" \t")
         if not stripped.startswith("#"):
             break
-        directive = DIRECTIVE_RE.fullmatch(stripped)
+        directive = DIRECTIVE_RE.fullmatch(stripped.rstrip(" \t"))
         if directive and directive.group(1).lower() == "escape":
             raise Refused("the escape parser directive must be the first line of the Dockerfile in the sandbox")
     continuation = re.compile(re.escape(escape) + r"[ \t]*$")
@@ -993,6 +1000,34 @@ def mentions_reserved_label(text: str) -> bool:
     return LABEL_SPACE in QUOTES_AND_ESCAPES_RE.sub("", text).lower() or "$" in text
 
 
+def add_sources(args: str) -> list[str]:
+    """ADD's arguments as the engine may read them: a JSON array (escapes decoded) or words, and the text
+    itself with its quotes and escapes gone, so that no spelling of a URL or variable goes unseen."""
+    read = [args, QUOTES_AND_ESCAPES_RE.sub("", args)]
+    if args.startswith("["):
+        try:
+            decoded = json.loads(args)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, list):
+            read += [str(item) for item in decoded]
+    return read
+
+
+def go_duration(value: str) -> int:
+    """A Go duration ("1m30s", "500ms", "0") in nanoseconds, as docker's flag parser reads it."""
+    if value in ("0", "+0", "-0", ""):
+        return 0
+    sign = -1 if value.startswith("-") else 1
+    body = value.lstrip("+-")
+    if not re.fullmatch(f"(?:{GO_DURATION_RE.pattern})+", body):
+        raise HttpError(400, f"Dockerfile parse error: invalid duration {value!r}")
+    total = 0.0
+    for number, unit in GO_DURATION_PART_RE.findall(body):
+        total += float(number) * DURATION_UNITS[unit]
+    return sign * int(total)
+
+
 @dataclass
 class DockerfilePlan:
     dockerfile: Dockerfile
@@ -1002,8 +1037,13 @@ class DockerfilePlan:
 
 def dockerfile_plan(text: str) -> DockerfilePlan:
     """Check a Dockerfile against the policy; return the images its FROM and COPY --from name."""
+    if len(text) > DOCKERFILE_MAX:
+        raise HttpError(400, f"the Dockerfile is too large for the sandbox (at most {DOCKERFILE_MAX // 1024} KB)")
     parsed = parse_dockerfile(text)
+    # The classic builder knows a stage by its name only once the stage is over: within it, its own name is
+    # an image's.
     stages: set[str] = set()
+    current_stage = ""
     images: dict[int, str] = {}
     copy_from: dict[int, str] = {}
     for position, instruction in enumerate(parsed.instructions):
@@ -1011,6 +1051,9 @@ def dockerfile_plan(text: str) -> DockerfilePlan:
         if word == "ONBUILD":
             raise not_available("ONBUILD in a Dockerfile")
         if word == "FROM":
+            if current_stage:
+                stages.add(current_stage)
+            current_stage = ""
             for flag in instruction.flags:
                 if _flag(instruction, flag)[0] != "platform":
                     raise not_available(f"the FROM option {flag.split('=')[0]}")
@@ -1027,10 +1070,9 @@ def dockerfile_plan(text: str) -> DockerfilePlan:
             if image.lower() not in stages and image != "scratch":
                 images[position] = image
             if len(words) == 3:
-                stage = words[2].lower()
-                if not STAGE_NAME_RE.fullmatch(stage):
+                current_stage = words[2].lower()
+                if not STAGE_NAME_RE.fullmatch(current_stage):
                     raise HttpError(400, f"invalid name for build stage: {words[2]!r}")
-                stages.add(stage)
         elif word in ("ADD", "COPY"):
             for flag in instruction.flags:
                 name, value = _flag(instruction, flag)
@@ -1041,9 +1083,17 @@ def dockerfile_plan(text: str) -> DockerfilePlan:
                         copy_from[position] = value
                 elif name not in ("chown", "chmod"):
                     raise not_available(f"the {word} option --{name}")
-            plain = QUOTES_AND_ESCAPES_RE.sub("", args)
-            if word == "ADD" and ("://" in plain or "git@" in plain or "$" in args):
+            if word == "ADD" and any(
+                "://" in source or "git@" in source or "$" in source for source in add_sources(args)
+            ):
                 raise not_available("ADD of a URL or of a variable source (the daemon would fetch it)")
+        elif word == "HEALTHCHECK":
+            for flag in instruction.flags:
+                name, value = _flag(instruction, flag)
+                if name in ("interval", "timeout", "start-period") and (
+                    go_duration(value) < 0 or 0 < go_duration(value) < SECOND
+                ):
+                    raise Refused(f"HEALTHCHECK --{name} must be at least 1s in the sandbox")
         elif word == "LABEL" and mentions_reserved_label(" ".join([*instruction.flags, args])):
             raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox")
     return DockerfilePlan(dockerfile=parsed, images=images, copy_from=copy_from)
@@ -1145,8 +1195,10 @@ def build_context_dockerfile(context: bytes, dockerfile: str, *, limit: int) -> 
                 continue
             if not member.isfile():
                 raise not_available("a Dockerfile that is not a regular file")
-            if member.size > 1024 * 1024:
-                raise HttpError(400, "the Dockerfile is too large")
+            if member.size > DOCKERFILE_MAX:
+                raise HttpError(
+                    400, f"the Dockerfile is too large for the sandbox (at most {DOCKERFILE_MAX // 1024} KB)"
+                )
             handle = archive.extractfile(member)
             assert handle is not None
             text = handle.read().decode("utf-8", "replace")

@@ -3,6 +3,7 @@ image (FROM or COPY --from), forge a reserved label, or hide ONBUILD, and each i
 
 import io
 import tarfile
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -45,19 +46,46 @@ def other_image(student_factory: Any, curated_image: str) -> str:
     return str(alice.call("GET", "/v1.41/images/probe/json").json()["Id"])
 
 
+NOT_THERE = "No such image"
+REFUSED_CHARACTERS = "control characters or unusual white space"
+URL = "ADD of a URL or of a variable source"
+RESERVED = "labels starting with 'layercake.' are reserved"
+# Each trick, and what the student is told: the image it reaches is not theirs, or the sandbox refuses it.
 TRICKS = {
-    "byte-order mark": "\ufeffFROM {other}\n",
-    "tab after FROM": "FROM\t{other}\n",
-    "instruction word split by a continuation": "FR\\\nOM {other}\n",
-    "vertical tab after the continuation": "FROM {curated}\nRUN true \\\x0b\nFROM {other}\n",
-    "escape directive after an unknown one": "# foo=bar\n# escape=`\nFROM {curated}\nRUN true `\nFROM {other}\n",
-    "flag after a byte docker reads as a space": "FROM {curated}\nCOPY --chown=0\u00e0--from={other} /secret /s\n",
-    "COPY --from split by a continuation": "FROM {curated}\nCOPY --fr\\\nom={other} /secret /s\n",
-    "ONBUILD with a dotted capital I": "FROM {curated}\nONBU\u0130LD RUN true\n",
-    "reserved label behind an escape": "FROM {curated}\nLABEL layercake\\.role=workstation\n",
-    "reserved label behind quotes": 'FROM {curated}\nLABEL layer"cake.ro"le=workstation\n',
-    "ADD of a URL behind an escape": "FROM {curated}\nADD http\\://127.0.0.1:9/x /x\n",
-    "image ID prefix that names its own stage": "FROM {short} AS {short}\n",
+    "byte-order mark": ("\ufeffFROM {other}\n", NOT_THERE),
+    "tab after FROM": ("FROM\t{other}\n", NOT_THERE),
+    "instruction word split by a continuation": ("FR\\\nOM {other}\n", NOT_THERE),
+    "vertical tab after the continuation": ("FROM {curated}\nRUN true \\\x0b\nFROM {other}\n", REFUSED_CHARACTERS),
+    "escape directive after an unknown one": (
+        "# foo=bar\n# escape=`\nFROM {curated}\nRUN true `\nFROM {other}\n",
+        "escape parser directive must be the first line",
+    ),
+    "flag after a byte docker reads as a space": (
+        "FROM {curated}\nCOPY --chown=0\u00e0--from={other} /secret /s\n",
+        "non-ASCII",
+    ),
+    "COPY --from split by a continuation": ("FROM {curated}\nCOPY --fr\\\nom={other} /secret /s\n", NOT_THERE),
+    "ONBUILD with a dotted capital I": ("FROM {curated}\nONBU\u0130LD RUN true\n", "unknown instruction"),
+    "reserved label behind an escape": ("FROM {curated}\nLABEL layercake\\.role=workstation\n", RESERVED),
+    "reserved label behind quotes": ('FROM {curated}\nLABEL layer"cake.ro"le=workstation\n', RESERVED),
+    "ADD of a URL behind an escape": ("FROM {curated}\nADD http\\://127.0.0.1:9/x /x\n", URL),
+    "image ID prefix that names its own stage": ("FROM {short} AS {short}\n", ""),
+    "ADD of a URL in JSON with an escaped colon": (
+        'FROM {curated}\nADD ["http\\u003a//127.0.0.1:9/x", "/x"]\n',
+        URL,
+    ),
+    "ADD of a variable in JSON with an escaped dollar": (
+        'FROM {curated}\nENV U=http://127.0.0.1:9/x\nADD ["\\u0024U", "/x"]\n',
+        URL,
+    ),
+    "COPY --from the stage's own name, an image's within it": (
+        "FROM {curated} AS tools\nCOPY --from=tools /x /x\n",
+        "No such image: tools",
+    ),
+    "HEALTHCHECK every millisecond": (
+        "FROM {curated}\nHEALTHCHECK --interval=1ms CMD true\n",
+        "HEALTHCHECK --interval must be at least 1s",
+    ),
 }
 
 
@@ -66,9 +94,18 @@ def test_dockerfile_read_as_the_engine_reads_it(
     student: StudentSession, other_image: str, curated_image: str, engine: docker.APIClient, trick: str
 ) -> None:
     short = other_image.removeprefix("sha256:")[:12]
-    dockerfile = TRICKS[trick].format(other=other_image, curated=curated_image, short=short)
-    answer = _build(student, _context({"Dockerfile": dockerfile.encode()}))
+    dockerfile, said = TRICKS[trick]
+    if not said:
+        # A stage name must start with a letter: an ID prefix that does not is refused as a name.
+        said = "invalid name for build stage" if short[0].isdigit() else NOT_THERE
+    answer = _build(
+        student,
+        _context(
+            {"Dockerfile": dockerfile.format(other=other_image, curated=curated_image, short=short).encode()}
+        ),
+    )
     assert answer.status in (400, 403, 404), answer.body
+    assert said in answer.message, answer.message
     assert b"Successfully built" not in answer.body, answer.body
     assert owned_objects(engine, student)["images"] == []
 
@@ -108,3 +145,26 @@ def test_commit_cannot_forge_a_reserved_label(
         answer = student.call("POST", f"/v1.41/commit?container={container}&changes={quote(change)}")
         assert answer.status == 403 and "reserved" in answer.message, answer.body
     assert owned_objects(engine, student)["images"] == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# syntax=x" + " " * 200_000 + "y\nFROM busybox\n",
+        "# note=x" + "\t" * 120_000 + "y\n# another=x" + " " * 120_000 + "y\nFROM busybox\n",
+    ],
+    ids=["long first-line directive", "long directive-like comments"],
+)
+def test_a_long_line_is_read_in_linear_time(text: str) -> None:
+    """The gateway reads Dockerfiles on its event loop: a line that took the regex quadratic time froze every
+    student's docker for minutes."""
+    from sandbox.gateway import policy
+
+    started = time.monotonic()
+    plan = policy.dockerfile_plan(text)
+    assert list(plan.images.values()) == ["busybox"]
+    assert time.monotonic() - started < 2
+    changes = ["ENV x=y" + " " * 30_000 + "z"]
+    started = time.monotonic()
+    assert len(policy.commit_changes(changes)) >= 1
+    assert time.monotonic() - started < 2
