@@ -29,7 +29,16 @@ from .events import EventPublisher
 from .http import ClientGone, EngineStream, HttpError, ServerSide
 from .ports import SYNC_SECONDS, PortForwards
 from .registry import SessionRecord
-from .session import IMAGE_LABEL, MAX_GATEWAY_BUILDS, NAMESPACE, PORTS_LABEL, ROLE, SESSION, StudentGateway
+from .session import (
+    IMAGE_LABEL,
+    MAX_CONNECTIONS,
+    MAX_GATEWAY_BUILDS,
+    NAMESPACE,
+    PORTS_LABEL,
+    ROLE,
+    SESSION,
+    StudentGateway,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,8 @@ def open_files_limit() -> int:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
-        except (ValueError, OSError):
-            pass
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the limit on open files from %s: %s", soft, exc)
     return soft
 
 
@@ -62,14 +71,21 @@ def expired(record: SessionRecord) -> bool:
     return record.expires_at <= time.time()
 
 
-async def refuse_expired(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+EXPIRED = HttpError(403, "this sandbox has expired; start a new one from the lesson page")
+SESSION_FULL = HttpError(
+    503, f"your sandbox's docker has {MAX_CONNECTIONS} connections open already; close some and try again"
+)
+GATEWAY_FULL = HttpError(503, "the sandbox's docker is busy right now; try again shortly")
+
+
+async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: HttpError) -> None:
+    """Answer a connection's first request with the error, waiting a moment at most for it, and close."""
     side = ServerSide(reader, writer)
     try:
-        if await side.next_request() is not None:
-            await side.respond_error(
-                HttpError(403, "this sandbox has expired; start a new one from the lesson page")
-            )
-    except (ClientGone, HttpError):
+        async with asyncio.timeout(1.0):
+            if await side.next_request() is not None:
+                await side.respond_error(error)
+    except (ClientGone, HttpError, TimeoutError):
         pass
     finally:
         await side.close()
@@ -96,11 +112,14 @@ class Gateway:
         # Each student connection may hold one to the engine as well; what is left serves the sockets,
         # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no
         # student can starve the others of the gateway's open files.
-        self.max_connections = max(open_files_limit() // 3, 64)
+        self.max_connections = 0
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event) -> None:
+        files = open_files_limit()
+        self.max_connections = max(files // 3, MAX_CONNECTIONS)
+        log.info("serving at most %s connections (open files: %s)", self.max_connections, files)
         self.config.gateway_dir.mkdir(parents=True, exist_ok=True)
         tasks = [
             asyncio.create_task(self._control()),
@@ -200,17 +219,18 @@ class Gateway:
             async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 task = asyncio.current_task()
                 assert holder is not None and task is not None
+                if expired(holder.gateway.record):
+                    await refuse(reader, writer, EXPIRED)
+                    return
+                if len(holder.connections) >= MAX_CONNECTIONS:
+                    await refuse(reader, writer, SESSION_FULL)
+                    return
                 if sum(len(h.connections) for h in self.sessions.values()) >= self.max_connections:
-                    log.warning(
-                        "session %s: refusing a connection: the gateway is full", holder.gateway.record.session_id
-                    )
-                    writer.close()
+                    log.warning("session %s: refusing a connection: the gateway is full", record.session_id)
+                    await refuse(reader, writer, GATEWAY_FULL)
                     return
                 holder.connections.add(task)  # type: ignore[arg-type]
                 try:
-                    if expired(holder.gateway.record):
-                        await refuse_expired(reader, writer)
-                        return
                     await holder.gateway.serve(reader, writer)
                 finally:
                     holder.connections.discard(task)  # type: ignore[arg-type]

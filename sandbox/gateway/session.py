@@ -224,7 +224,6 @@ class StudentGateway:
             shm_max=config.shm_max_mb * MB,
         )
         self.routes = self._routes()
-        self.connections = 0
         # Checking the budget and creating under one lock, or two requests at once would both fit.
         self.budget_lock = asyncio.Lock()
         self.builds = asyncio.Semaphore(MAX_CONCURRENT_BUILDS)
@@ -308,10 +307,6 @@ class StudentGateway:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         side = ServerSide(reader, writer)
-        if self.connections >= MAX_CONNECTIONS:
-            await side.close()
-            return
-        self.connections += 1
         try:
             while True:
                 try:
@@ -331,7 +326,6 @@ class StudentGateway:
         except Exception:
             log.exception("session %s: request failed", self.record.session_id)
         finally:
-            self.connections -= 1
             await side.close()
 
     async def _dispatch(self, side: ServerSide, request: Request) -> bool:

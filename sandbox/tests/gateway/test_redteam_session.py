@@ -22,6 +22,7 @@ import redis
 from django.conf import settings
 
 from sandbox.gateway.registry import SessionRecord
+from sandbox.gateway.session import MAX_CONNECTIONS
 
 from .conftest import BASE_DIR, StudentSession, _wait_for_socket, owned_objects
 
@@ -70,29 +71,21 @@ def test_concurrent_creates_cannot_pass_the_budget_together(
 def test_one_student_cannot_hold_every_connection(student_factory: Any) -> None:
     greedy: StudentSession = student_factory()
     other: StudentSession = student_factory()
-    held = []
+    held: list[socket.socket] = []
     try:
-        for _ in range(200):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(str(greedy.socket))
-            sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\n")  # never finishes its head
-            held.append(sock)
-        time.sleep(0.5)
-        refused = 0
-        for sock in held:
-            sock.settimeout(0.01)
-            try:
-                refused += sock.recv(1) == b""
-            except TimeoutError:
-                continue
-            except OSError:
-                refused += 1
-        assert refused >= 100
+        held += _held_open(greedy.socket, 200)
+        closed = _closed_by_the_gateway(held, count=200 - MAX_CONNECTIONS)
+        assert len(closed) == 200 - MAX_CONNECTIONS
+        # A whole request past the cap is told why.
+        answer = greedy.call("GET", "/_ping")
+        assert answer.status == 503 and "connections open already" in answer.message
         assert other.call("GET", "/_ping").status == 200
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 5
+    while greedy.call("GET", "/_ping").status != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert greedy.call("GET", "/_ping").status == 200
 
 
@@ -152,15 +145,20 @@ def _held_open(path: Path, count: int) -> list[socket.socket]:
     return held
 
 
-def _closed_by_the_gateway(socks: list[socket.socket]) -> list[socket.socket]:
-    readable, _, _ = select.select(socks, [], [], 0.5)
-    closed = []
-    for sock in readable:
-        try:
-            if sock.recv(1) == b"":
+def _closed_by_the_gateway(socks: list[socket.socket], *, count: int, within: float = 5) -> list[socket.socket]:
+    """The sockets the gateway closes, once `count` of them are closed or the time is up."""
+    closed: list[socket.socket] = []
+    deadline = time.monotonic() + within
+    while len(closed) < count and time.monotonic() < deadline:
+        open_ones = [sock for sock in socks if sock not in closed]
+        readable, _, _ = select.select(open_ones, [], [], max(deadline - time.monotonic(), 0))
+        for sock in readable:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data or data.startswith(b"HTTP/1.1 503"):
                 closed.append(sock)
-        except OSError:
-            closed.append(sock)
     return closed
 
 
@@ -195,20 +193,22 @@ def test_all_students_together_cannot_use_up_the_gateways_open_files() -> None:
         _wait_for_socket(first)
         _wait_for_socket(second)
         # 210 files allow 70 connections: one session holds its own most (64), the other what is left.
-        held += _held_open(first, 64)
-        held += _held_open(second, 6)
-        time.sleep(0.5)
-        assert _closed_by_the_gateway(held) == []
+        held += _held_open(first, MAX_CONNECTIONS)
+        held += _held_open(second, 70 - MAX_CONNECTIONS)
+        assert _closed_by_the_gateway(held, count=1, within=1.5) == []
         late = _held_open(second, 1)
         held += late
-        assert _closed_by_the_gateway(late) == late
+        assert _closed_by_the_gateway(late, count=1) == late
         for sock in held[:10]:
             sock.close()
-        time.sleep(0.5)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(str(second))
-            sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
-            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 5
+        answer = b""
+        while not answer.startswith(b"HTTP/1.1 200") and time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(second))
+                sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+                answer = sock.recv(64)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
     finally:
         for sock in held:
             sock.close()
