@@ -22,7 +22,7 @@ from . import policy
 from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
-from .http import ClientGone, EngineStream, HttpError, Request, ServerSide
+from .http import ClientGone, EngineStream, HttpError, Request, Response, ServerSide
 from .names import HEX_RE, BadReference, Namer, Reference, is_student_repo_tag, parse_reference, split_repo_tag
 from .registry import SessionRecord
 
@@ -751,20 +751,20 @@ class StudentGateway:
                 name = name.lstrip("/")
             else:
                 name, engine_name = self._random_name(containers)
-            await self._create_within_budget(
-                side, plan, name=name, engine_name=engine_name, image=image, containers=containers
+            response = await self._create_within_budget(
+                plan, name=name, engine_name=engine_name, image=image, containers=containers
             )
+        await self._respond_engine(side, response)
 
     async def _create_within_budget(
         self,
-        side: ServerSide,
         plan: policy.CreatePlan,
         *,
         name: str,
         engine_name: str,
         image: ImageView,
         containers: list[dict[str, Any]],
-    ) -> None:
+    ) -> Response:
         if len(containers) >= self.record.max_containers:
             raise policy.Refused(
                 f"your sandbox may hold at most {self.record.max_containers} containers; remove some with "
@@ -807,10 +807,7 @@ class StudentGateway:
         if not plan.network_none:
             aliases = list(dict.fromkeys([name, *plan.aliases]))
             config["NetworkingConfig"] = {"EndpointsConfig": {self.network: {"Aliases": aliases}}}
-        response = await self.engine.call(
-            "POST", "/containers/create", query={"name": engine_name}, payload=config
-        )
-        await self._respond_engine(side, response)
+        return await self.engine.call("POST", "/containers/create", query={"name": engine_name}, payload=config)
 
     def _engine_image_ref(self, image: ImageView, typed: str) -> str:
         """How to name the image to the engine so that what the engine prints reads as the student typed it."""
@@ -944,7 +941,13 @@ class StudentGateway:
         """With the session's port lock held: stop a container whose start is refused after the fact, and take
         its forwarder away again. A --rm container is then removed by the engine, as the CLI expects."""
         await self.engine.call("POST", f"/containers/{container_id}/kill")
-        await self.engine.call("POST", f"/containers/{container_id}/wait", query={"condition": "not-running"})
+        try:
+            async with asyncio.timeout(10):
+                await self.engine.call(
+                    "POST", f"/containers/{container_id}/wait", query={"condition": "not-running"}
+                )
+        except TimeoutError:
+            log.warning("session %s: %s did not stop after a refused start", self.record.session_id, container_id)
         await self._sync_ports()
 
     async def _remove_if_auto(self, container_id: str) -> None:
