@@ -53,6 +53,11 @@ def test_a_site_that_answers_to_others_is_not_in_debug_mode_nor_on_a_public_key(
         assert code != 0 and "LAYERCAKE_SECRET_KEY must be set" in said
     secret = {**public, "LAYERCAKE_SECRET_KEY": "s3cr3t-" * 8}
     assert _settings_of("tutorial.settings.local", **secret) == (0, "DEBUG False")
+    # Listening on every address with the default names: any client can still say `Host: localhost`.
+    code, said = _settings_of("tutorial.settings.local", LAYERCAKE_HOST="0.0.0.0")
+    assert code != 0 and "LAYERCAKE_SECRET_KEY must be set" in said
+    listening = {"LAYERCAKE_HOST": "0.0.0.0", "LAYERCAKE_SECRET_KEY": "s3cr3t-" * 8}
+    assert _settings_of("tutorial.settings.local", **listening) == (0, "DEBUG False")
     assert _settings_of("tutorial.settings.production", **secret) == (0, "DEBUG False")
 
 
