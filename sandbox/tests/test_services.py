@@ -155,3 +155,31 @@ def test_ending_the_site_ends_every_live_sandbox(memory_backend: type[MemoryBack
     assert (live.state, live.end_reason) == (SandboxState.ENDED, EndReason.SHUTDOWN)
     assert (stopping.state, stopping.end_reason) == (SandboxState.ENDED, EndReason.STOPPED)
     assert services.sandbox_end_all(reason=EndReason.SHUTDOWN) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_starts_at_once_cannot_pass_the_caps_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two browsers of one owner (or one network) starting at the same moment: the check and the insert are
+    one step, so only as many as the cap allows are made, and the others are told why rather than failing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    from sandbox import tasks
+
+    monkeypatch.setattr(tasks.sandbox_launch_task, "delay", lambda sandbox_id: None)
+    lessons = [Lesson.objects.create(slug=f"l{n}", title=f"L{n}", body="text") for n in range(6)]
+
+    def start(lesson: Lesson) -> str:
+        try:
+            services.sandbox_start(owner_key="anon-same", user=None, lesson=lesson, client_address="192.0.2.9")
+            return "started"
+        except services.TooManySandboxes:
+            return "refused"
+        finally:
+            connection.close()
+
+    with override_settings(SANDBOX_PER_OWNER=2), ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(start, lessons))
+    assert sorted(results) == ["refused"] * 4 + ["started"] * 2
+    assert Sandbox.objects.active().filter(owner_key="anon-same").count() == 2

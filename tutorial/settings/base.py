@@ -64,8 +64,13 @@ DATABASES = {
         "PASSWORD": env_str("LAYERCAKE_DB_PASSWORD", ""),
         "HOST": env_str("LAYERCAKE_DB_HOST", ""),
         "PORT": env_str("LAYERCAKE_DB_PORT", ""),
-        # The web process and the workers share one SQLite file: wait for a lock rather than fail.
-        "OPTIONS": {"timeout": 20} if "sqlite" in env_str("LAYERCAKE_DB_ENGINE", "sqlite3") else {},
+        # The web process and the workers share one SQLite file: wait for a lock rather than fail, and take the
+        # write lock when a transaction begins, so that a check and the write it allows are one step.
+        "OPTIONS": (
+            {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+            if "sqlite" in env_str("LAYERCAKE_DB_ENGINE", "sqlite3")
+            else {}
+        ),
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

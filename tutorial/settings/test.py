@@ -11,7 +11,7 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": str(DATA_DIR / f"{SANDBOX_NAMESPACE}.sqlite3"),
-        "OPTIONS": {"timeout": 20},
+        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
         "TEST": {"NAME": str(DATA_DIR / f"{SANDBOX_NAMESPACE}-db.sqlite3")},
     }
 }
