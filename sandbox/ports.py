@@ -311,6 +311,12 @@ async def port_proxy(request: HttpRequest, pk: int, port: int, path: str = "") -
             f"Nothing answers on port {published.container_port} of {published.container}. Is the server in the "
             f"container running, and listening on 0.0.0.0:{published.container_port}?",
         )
+    except BaseException:
+        # The browser went away (the view is cancelled) or something unforeseen broke: the slot and the
+        # client go now, not at the deadline.
+        release()
+        await client.aclose()
+        raise
     length = upstream.headers.get("content-length", "")
     if length.isdigit() and int(length) > PROXY_BODY_MAX:
         await upstream.aclose()
