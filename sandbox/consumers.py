@@ -126,7 +126,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             try:
                 await self.relay.resize(cols=size.cols, rows=size.rows)
             except Exception:
-                log.info("terminal %s: a resize failed", self.sandbox.pk if self.sandbox else None, exc_info=True)
+                log.warning(
+                    "terminal %s: a resize failed", self.sandbox.pk if self.sandbox else None, exc_info=True
+                )
                 return
             self.applied_size = size
             await asyncio.sleep(RESIZE_INTERVAL)
