@@ -275,12 +275,13 @@ class Gateway:
             await asyncio.gather(*holder.connections, return_exceptions=True)
         path = self.config.session_socket(session_id)
         if remove_dir:
+            # The socket goes with its listener; the forwarders, which take the engine's time, after it.
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
             try:
                 await self.ports.close(session_id)
             except Exception:
                 log.warning("session %s: could not remove its port forwarders", session_id, exc_info=True)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
             with contextlib.suppress(OSError):
                 path.parent.rmdir()
         log.info("session %s: closed", session_id)
