@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/terminal.py [--runs 10] [--samples 200]
 
-It runs the real thing: a Celery worker and uvicorn as child processes (as `./layercake up` runs them), a
-Redis, the engine, and a websocket client speaking the terminal protocol. It uses its own namespace and
+It runs the real thing: a Celery worker, the gateway and uvicorn as child processes (as `./layercake up` runs
+them), a Redis, the engine, and a websocket client speaking the terminal protocol, in the image a lesson
+opens by default (the workstation). It uses its own namespace and
 database, and removes every engine object it made, whatever happens. Figures, not assertions.
 """
 
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,7 +46,8 @@ from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from sandbox import protocol, services  # noqa: E402
 from sandbox.owners import SESSION_KEY  # noqa: E402
 
-IMAGE = "layercake/shell:latest"
+# What a lesson opens by default: the student's workstation, whose docker talks to the gateway.
+IMAGE = settings.SANDBOX_IMAGE
 PROMPT = b"$ "
 FLOOD_BYTES = 100_000_000
 FLOODS = {
@@ -87,6 +90,16 @@ class Stack:
         self.children.append(
             subprocess.Popen(
                 [f"{python}/celery", "-A", "tutorial", "worker", "--concurrency=2", "--loglevel=WARNING"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        # The workstation's docker socket: a launch waits for the gateway to serve it.
+        self.children.append(
+            subprocess.Popen(
+                [f"{python}/python", "manage.py", "gateway"],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -386,6 +399,7 @@ def _purge() -> None:
             client.api.remove_network(network["Id"])
     for path in Path(settings.DATA_DIR).glob(f"{NAMESPACE}*"):
         path.unlink(missing_ok=True)
+    shutil.rmtree(settings.GATEWAY_DIR, ignore_errors=True)
 
 
 if __name__ == "__main__":
