@@ -1368,9 +1368,11 @@ class StudentGateway:
                 "'docker login': in the Layercake sandbox only the course's curated images can be pulled",
             )
         path = ref.path if "/" in ref.path else f"library/{ref.path}"
+        # A registry's digest names the image's manifest, not its ID: an image built here has none to show.
+        digests = [d.split("@", 1)[1] for d in found.entry.get("RepoDigests") or [] if "@" in d]
         messages = [
             {"status": f"Pulling from {path}", "id": ref.tag},
-            {"status": f"Digest: {found.id}"},
+            *([{"status": f"Digest: {digests[0]}"}] if digests else []),
             {"status": f"Status: Image is up to date for {ref.familiar}"},
         ]
         await side.start_stream(200, [("Content-Type", "application/json")])
