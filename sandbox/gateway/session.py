@@ -1018,20 +1018,28 @@ class StudentGateway:
         # The engine's prune keeps the containers' anonymous volumes, as docker rm without -v does; they
         # carry no label, so nothing could find them again. They go with their containers, as every removal
         # through the gateway takes them (the student never sees anonymous volumes).
-        stopped = await self.own_containers(extra={"status": ["created", "exited", "dead"]})
+        # All of them, not only the stopped: one that stops meanwhile may be pruned too.
+        containers = await self.own_containers()
         anonymous = {
             c["Id"]: [
                 str(m["Name"])
                 for m in c.get("Mounts") or []
                 if m.get("Type") == "volume" and ANONYMOUS_VOLUME_RE.fullmatch(str(m.get("Name", "")))
             ]
-            for c in stopped
+            for c in containers
         }
         response = await self.engine.call("POST", "/containers/prune", query={"filters": json.dumps(filters)})
         if response.status < 300:
             for container_id in (response.json() or {}).get("ContainersDeleted") or []:
                 for volume in anonymous.get(container_id, []):
-                    await self.engine.call("DELETE", f"/volumes/{q(volume)}")
+                    removed = await self.engine.call("DELETE", f"/volumes/{q(volume)}")
+                    if removed.status >= 300 and removed.status != 404:
+                        log.warning(
+                            "session %s: could not remove volume %s: %s",
+                            self.record.session_id,
+                            volume,
+                            removed.message,
+                        )
         await self._respond_engine(side, response)
 
     async def container_attach(self, side: ServerSide, request: Request, ref: str) -> None:
