@@ -687,15 +687,23 @@ def volume_create_body(body: Any) -> tuple[str, dict[str, str]]:
     return name, labels
 
 
+# Compiling is the costly part of RE2 (its memory bound sets how much an expression may unfold), so both
+# the bound and the number of expressions a request may give are small.
+NAME_PATTERN_MEMORY = 256 * 1024
+NAME_FILTERS_MAX = 8
+
+
 class NamePattern:
     """A `docker ps --filter name=` regular expression, read and matched as docker's Go regexp does: RE2, in
-    time linear in the name, so that no student's pattern can hold the gateway's event loop."""
+    time linear in the name; compiled within a small memory bound, so that no student's pattern can hold the
+    gateway's event loop (a few at most per request: see `name_patterns`)."""
 
     def __init__(self, pattern: str) -> None:
         if len(pattern) > 256:
             raise HttpError(400, "the name filter is too long")
         options = re2.Options()
         options.log_errors = False
+        options.max_mem = NAME_PATTERN_MEMORY
         try:
             self.regex = re2.compile(pattern, options)
         except re2.error as exc:
@@ -703,6 +711,13 @@ class NamePattern:
 
     def search(self, name: str) -> bool:
         return self.regex.search(name) is not None
+
+
+def name_patterns(values: list[str]) -> list[NamePattern]:
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > NAME_FILTERS_MAX:
+        raise HttpError(400, f"at most {NAME_FILTERS_MAX} name filters at once in the sandbox")
+    return [NamePattern(value) for value in distinct]
 
 
 COMMIT_INSTRUCTIONS = {"CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "USER", "VOLUME", "WORKDIR"}
@@ -955,13 +970,16 @@ def mentions_reserved_label(text: str) -> bool:
 
 
 def add_sources(args: str) -> list[str]:
-    """ADD's arguments as the engine may read them: a JSON array (escapes decoded) or words, and the text
-    itself with its quotes and escapes gone, so that no spelling of a URL or variable goes unseen."""
+    """ADD's arguments as the engine may read them: a JSON array (escapes decoded; the engine's decoder reads
+    the first JSON value and ignores what follows it) or words, and the text itself with its quotes and
+    escapes gone, so that no spelling of a URL or variable goes unseen."""
     read = [args, QUOTES_AND_ESCAPES_RE.sub("", args)]
     if args.startswith("["):
+        if "\\" in args:
+            raise Refused("the sandbox cannot check ADD arguments written with JSON escapes: write them plainly")
         try:
-            decoded = json.loads(args)
-        except ValueError:
+            decoded, _end = json.JSONDecoder().raw_decode(args)
+        except (ValueError, RecursionError):
             decoded = None
         if isinstance(decoded, list):
             read += [str(item) for item in decoded]
@@ -969,17 +987,18 @@ def add_sources(args: str) -> list[str]:
 
 
 def go_duration(value: str) -> int:
-    """A Go duration ("1m30s", "500ms", "0") in nanoseconds, as docker's flag parser reads it."""
+    """A Go duration ("1m30s", "500ms", "0") in nanoseconds, as docker's flag parser reads it: one sign at
+    most, each part truncated to whole nanoseconds."""
     if value in ("0", "+0", "-0", ""):
         return 0
     sign = -1 if value.startswith("-") else 1
-    body = value.lstrip("+-")
+    body = value[1:] if value[:1] in ("+", "-") else value
     if not re.fullmatch(f"(?:{GO_DURATION_RE.pattern})+", body):
         raise HttpError(400, f"Dockerfile parse error: invalid duration {value!r}")
-    total = 0.0
+    total = 0
     for number, unit in GO_DURATION_PART_RE.findall(body):
-        total += float(number) * DURATION_UNITS[unit]
-    return sign * int(total)
+        total += int(float(number) * DURATION_UNITS[unit])
+    return sign * total
 
 
 @dataclass
@@ -1044,9 +1063,9 @@ def dockerfile_plan(text: str) -> DockerfilePlan:
         elif word == "HEALTHCHECK":
             for flag in instruction.flags:
                 name, value = _flag(instruction, flag)
-                if name in ("interval", "timeout", "start-period") and (
-                    go_duration(value) < 0 or 0 < go_duration(value) < SECOND
-                ):
+                if name not in ("interval", "timeout", "start-period", "retries"):
+                    raise not_available(f"the HEALTHCHECK option --{name}")
+                if name != "retries" and (go_duration(value) < 0 or 0 < go_duration(value) < SECOND):
                     raise Refused(f"HEALTHCHECK --{name} must be at least 1s in the sandbox")
         elif word == "LABEL" and mentions_reserved_label(" ".join([*instruction.flags, args])):
             raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox")

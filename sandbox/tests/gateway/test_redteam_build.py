@@ -72,16 +72,25 @@ TRICKS = {
     "image ID prefix that names its own stage": ("FROM {short} AS {short}\n", ""),
     "ADD of a URL in JSON with an escaped colon": (
         'FROM {curated}\nADD ["http\\u003a//127.0.0.1:9/x", "/x"]\n',
-        URL,
+        "JSON escapes",
     ),
     "ADD of a variable in JSON with an escaped dollar": (
         'FROM {curated}\nENV U=http://127.0.0.1:9/x\nADD ["\\u0024U", "/x"]\n',
-        URL,
+        "JSON escapes",
     ),
     "COPY --from the stage's own name, an image's within it": (
         "FROM {curated} AS tools\nCOPY --from=tools /x /x\n",
         "No such image: tools",
     ),
+    "ADD in JSON with escapes, and text after the array": (
+        'FROM {curated}\nADD ["http:\\u002f\\u002f127.0.0.1:9/x", "/x"] x\n',
+        "JSON escapes",
+    ),
+    "HEALTHCHECK with an option the check does not know": (
+        "FROM {curated}\nHEALTHCHECK --start-period=1000h --start-interval=1ms CMD false\n",
+        "--start-interval",
+    ),
+    "ADD of deeply nested brackets": ("FROM {curated}\nADD " + "[" * 100_000 + "\n", ""),
     "HEALTHCHECK every millisecond": (
         "FROM {curated}\nHEALTHCHECK --interval=1ms CMD true\n",
         "HEALTHCHECK --interval must be at least 1s",
@@ -95,7 +104,7 @@ def test_dockerfile_read_as_the_engine_reads_it(
 ) -> None:
     short = other_image.removeprefix("sha256:")[:12]
     dockerfile, said = TRICKS[trick]
-    if not said:
+    if trick == "image ID prefix that names its own stage":
         # A stage name must start with a letter: an ID prefix that does not is refused as a name.
         said = "invalid name for build stage" if short[0].isdigit() else NOT_THERE
     answer = _build(
