@@ -723,7 +723,7 @@ class StudentGateway:
         moved = await self._moved_images(containers)
         views = [self._container_view(c, image_moved=c["Id"] in moved) for c in containers]
         if names:
-            patterns = [policy.NamePattern(n) for n in names]
+            patterns = policy.name_patterns(names)
             views = [v for v in views if any(p.search(name) for p in patterns for name in v["Names"])]
         limit = request.arg("limit")
         if limit.lstrip("-").isdigit() and int(limit) > 0:

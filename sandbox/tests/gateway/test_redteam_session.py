@@ -52,6 +52,12 @@ def test_name_filters_match_as_docker_does_without_backtracking(student_factory:
     assert answers and answers[0].status == 200 and answers[0].json() == []
     answer = _list(alice, name=["(unclosed"])
     assert answer.status == 400 and "error parsing regexp" in answer.message
+    # Compiling is what costs: an expression that unfolds too far, or too many of them, is refused at once.
+    started = time.monotonic()
+    assert _list(alice, name=[r"[\pL\pN]{400}"]).status == 400
+    many = _list(alice, name=[f"^/web{n}" for n in range(200)])
+    assert many.status == 400 and "at most 8 name filters" in many.message
+    assert time.monotonic() - started < 2
 
 
 def test_concurrent_creates_cannot_pass_the_budget_together(
