@@ -8,7 +8,7 @@ and the connection closed. Nothing the student sent is forwarded as bytes: the g
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -81,6 +81,8 @@ class Request:
     headers: dict[str, str]
     upgrade: bool
     body: bytes = b""
+    # Called once the body is no longer needed in memory (a build's context, once sent to the engine).
+    body_sent: Callable[[], None] = lambda: None
 
     def arg(self, name: str, default: str = "") -> str:
         for key, value in self.query:

@@ -48,6 +48,7 @@ MAX_CONNECTIONS = 64
 # Builds hold their whole context in memory while it is checked.
 MAX_CONCURRENT_BUILDS = 2
 MAX_GATEWAY_BUILDS = 4
+BUILD_CONTEXT_SECONDS = 120.0
 # A lesson names a handful of images; these leave room for a whole course.
 MAX_IMAGE_TAGS = 100
 MAX_IMAGES = 100
@@ -139,6 +140,27 @@ def short_id(image_id: str) -> str:
 def image_id_matches(image_id: str, ref: str) -> bool:
     bare = ref.removeprefix("sha256:")
     return image_id.removeprefix("sha256:").startswith(bare) and bool(bare)
+
+
+class Slot:
+    """One place of a semaphore, given back once: early, or when the block ends."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self.semaphore = semaphore
+        self.held = False
+
+    async def __aenter__(self) -> "Slot":
+        await self.semaphore.acquire()
+        self.held = True
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.semaphore.release()
 
 
 @dataclass
@@ -362,14 +384,30 @@ class StudentGateway:
             return False
         route, params = found
         if route.body_limit == "build":
-            async with self.builds, self.gateway_builds:
-                return await self._handle(side, request, route, params, self.config.build_context_max)
+            # The gateway-wide slot bounds the contexts held in memory: it is given back once the context is
+            # with the engine, and a context must arrive in time, so that no build holds one for long.
+            async with self.builds, Slot(self.gateway_builds) as slot:
+                request.body_sent = slot.release
+                return await self._handle(
+                    side, request, route, params, self.config.build_context_max, within=BUILD_CONTEXT_SECONDS
+                )
         return await self._handle(side, request, route, params, self.config.json_body_max)
 
     async def _handle(
-        self, side: ServerSide, request: Request, route: Route, params: dict[str, str], limit: int
+        self,
+        side: ServerSide,
+        request: Request,
+        route: Route,
+        params: dict[str, str],
+        limit: int,
+        *,
+        within: float | None = None,
     ) -> bool:
-        request.body = await side.read_body(limit)
+        try:
+            async with asyncio.timeout(within):
+                request.body = await side.read_body(limit)
+        except TimeoutError as exc:
+            raise HttpError(408, f"the request body did not arrive within {within:g} seconds") from exc
         try:
             await route.handler(side, request, **params)
         except BadReference as exc:
@@ -1496,6 +1534,9 @@ class StudentGateway:
         stream = await self.engine.open(
             "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
         )
+        # The context is the engine's now: nothing here keeps it, and its slot is free for another build.
+        body = request.body = b""
+        request.body_sent()
         output = BuildOutput(self.namer, hidden_steps=len(self._image_owner()))
         await self._stream_engine(side, stream, rewrite=output.feed, finish=output.flush)
         if output.image_id:

@@ -230,11 +230,11 @@ def test_all_students_together_cannot_use_up_the_gateways_open_files() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_the_gateway_runs_a_few_builds_at_once_whoever_asks(
+def test_builds_wait_for_memory_only_while_their_context_is_read(
     student_factory: Any, curated_image: str, engine: docker.APIClient
 ) -> None:
-    """Each build holds its context in the gateway's memory: a room of students building at once waits for
-    a few slots rather than filling it."""
+    """The gateway holds a few build contexts in memory at once; once a context is with the engine, its build
+    no longer holds a place, so a room of students building at once all build together."""
     from sandbox.gateway.session import MAX_CONCURRENT_BUILDS, MAX_GATEWAY_BUILDS
 
     students = [student_factory() for _ in range(3)]
@@ -244,13 +244,13 @@ def test_the_gateway_runs_a_few_builds_at_once_whoever_asks(
 
     def build(args: tuple[int, StudentSession]) -> int:
         index, student = args
-        return student.build(f"FROM {curated_image}\nRUN sleep 3 && echo {index}\n", tag=f"slow{index}").status
+        return student.build(f"FROM {curated_image}\nRUN sleep 4 && echo {index}\n", tag=f"slow{index}").status
 
     seen = 0
     with ThreadPoolExecutor(max_workers=len(builds)) as pool:
         running = pool.map(build, enumerate(builds))
         deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and seen < len(builds):
             # A RUN step's container carries its image's labels, but none of a sandbox role.
             steps = [
                 c
@@ -261,4 +261,4 @@ def test_the_gateway_runs_a_few_builds_at_once_whoever_asks(
             time.sleep(0.2)
         statuses = list(running)
     assert statuses == [200] * len(builds)
-    assert seen == MAX_GATEWAY_BUILDS
+    assert seen == len(builds)
