@@ -78,17 +78,9 @@ SESSION_FULL = HttpError(
 GATEWAY_FULL = HttpError(503, "the sandbox's docker is busy right now; try again shortly")
 
 
-async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: HttpError) -> None:
-    """Answer a connection's first request with the error, waiting a moment at most for it, and close."""
-    side = ServerSide(reader, writer)
-    try:
-        async with asyncio.timeout(1.0):
-            if await side.next_request() is not None:
-                await side.respond_error(error)
-    except (ClientGone, HttpError, TimeoutError):
-        pass
-    finally:
-        await side.close()
+# Refusals answered at once (each waits a second at most for the request to answer); past this many, a
+# connection is closed unanswered, so that refusing cannot itself hold the gateway's open files.
+REFUSALS_MAX = 64
 
 
 class SessionServer:
@@ -112,7 +104,10 @@ class Gateway:
         # Each student connection may hold one to the engine as well; what is left serves the sockets,
         # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no
         # student can starve the others of the gateway's open files.
-        self.max_connections = 0
+        # Set from the open-files limit when the gateway runs.
+        self.max_connections = MAX_CONNECTIONS
+        self.refusing = 0
+        self.warned_full_at = 0.0
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -137,6 +132,23 @@ class Gateway:
             for session_id in list(self.sessions):
                 await self.close_session(session_id, remove_dir=False)
             await self.redis.aclose()
+
+    async def refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: HttpError) -> None:
+        """Answer a connection's first request with the error, waiting a moment at most for it, and close."""
+        if self.refusing >= REFUSALS_MAX:
+            writer.close()
+            return
+        self.refusing += 1
+        side = ServerSide(reader, writer)
+        try:
+            async with asyncio.timeout(1.0):
+                if await side.next_request() is not None:
+                    await side.respond_error(error)
+        except (ClientGone, HttpError, TimeoutError):
+            pass
+        finally:
+            self.refusing -= 1
+            await side.close()
 
     async def reconcile(self) -> None:
         raw: dict[bytes, bytes] = await self.redis.hgetall(self.config.sessions_key)  # type: ignore[misc]
@@ -220,14 +232,16 @@ class Gateway:
                 task = asyncio.current_task()
                 assert holder is not None and task is not None
                 if expired(holder.gateway.record):
-                    await refuse(reader, writer, EXPIRED)
+                    await self.refuse(reader, writer, EXPIRED)
                     return
                 if len(holder.connections) >= MAX_CONNECTIONS:
-                    await refuse(reader, writer, SESSION_FULL)
+                    await self.refuse(reader, writer, SESSION_FULL)
                     return
                 if sum(len(h.connections) for h in self.sessions.values()) >= self.max_connections:
-                    log.warning("session %s: refusing a connection: the gateway is full", record.session_id)
-                    await refuse(reader, writer, GATEWAY_FULL)
+                    if time.monotonic() - self.warned_full_at >= 1.0:
+                        self.warned_full_at = time.monotonic()
+                        log.warning("session %s: refusing connections: the gateway is full", record.session_id)
+                    await self.refuse(reader, writer, GATEWAY_FULL)
                     return
                 holder.connections.add(task)  # type: ignore[arg-type]
                 try:
