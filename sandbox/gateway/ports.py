@@ -62,6 +62,9 @@ FORWARDER_CHILDREN = 32
 SYNC_SECONDS = 60.0
 # How long a start waits for its forwarder to say that it listens (or that it cannot).
 LISTEN_WAIT_SECONDS = 5.0
+# What listens in a workstation: a few lines per socket, so this bounds a table no workstation has.
+PROC_TABLE_MAX = 256 * 1024
+HEX_PORT_RE = re.compile(r"[0-9A-Fa-f]{1,4}")
 LISTENING_RE = re.compile(rb"N listening on AF=\d+ [0-9.]+:(\d+)")
 BIND_FAILED_RE = re.compile(rb"E bind\(\d+, \{AF=\d+ [0-9.]+:(\d+)\}")
 LOG_CONFIG = {"Type": "local", "Config": {"max-size": "256k", "max-file": "1", "compress": "false"}}
@@ -365,17 +368,19 @@ class PortForwards:
             async with asyncio.timeout(LISTEN_WAIT_SECONDS):
                 if (await stream.head()).status != 200:
                     return set()
-                table = await stream.read_all(4 * 1024 * 1024)
+                table = await stream.read_all(PROC_TABLE_MAX)
         except (TimeoutError, ConnectionError, OSError, HttpError):
             log.warning("could not read what listens in the workstation %s", workstation.id[:12])
             return set()
         finally:
             stream.close()
-        return {
-            int(fields[1].rsplit(":", 1)[1], 16)
-            for fields in (line.split() for line in table.decode("ascii", "replace").splitlines())
-            if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]
-        }
+        listening = set()
+        for line in table.decode("ascii", "replace").splitlines():
+            fields = line.split()
+            # local_address is ADDRESS:PORT in hex; state 0A is LISTEN.
+            if len(fields) > 3 and fields[3] == "0A" and HEX_PORT_RE.fullmatch(fields[1].rsplit(":", 1)[-1]):
+                listening.add(int(fields[1].rsplit(":", 1)[-1], 16))
+        return listening
 
     async def _published_before(self, session_id: int) -> list[tuple[str, int]]:
         try:
