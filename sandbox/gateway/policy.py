@@ -25,10 +25,9 @@ that the feature is not available in the sandbox. For the endpoints that exist:
   sees them (their own or curated; a stage's own name, within it, is an image's, as the classic builder
   reads it), ADD of URLs and ONBUILD are refused, and variables in FROM or ADD sources are refused because
   they would be resolved after this check (ADD in JSON form is read as the engine decodes it, and JSON
-  escapes there are refused). The
-  Dockerfile (at most 256 KB) is read as the engine's parser reads it, in linear time, and what its
-  versions could read two ways is refused. Compressed contexts are expanded within the context limit; a
-  context with a path through a symbolic link is refused.
+  escapes there are refused). The Dockerfile (at most 256 KB) is read as the engine's parser reads it, in
+  linear time, and what its versions could read two ways is refused. Compressed contexts are expanded
+  within the context limit; a context with a path through a symbolic link is refused.
 * Commits take only the instructions docker allows minus ONBUILD, and never a label in layercake's space
   (also not behind quotes or escapes).
 * Healthchecks, of a created container or in a Dockerfile, run at most once a second, with no option the
