@@ -97,7 +97,11 @@ def curated_image(engine: docker.APIClient) -> Iterator[str]:
     if not shutil.which("busybox"):
         pytest.skip("busybox-static is needed on the host to build the test run's curated image")
     name = f"{settings.SANDBOX_NAMESPACE}-busybox:latest"
-    labels = {"layercake.catalog": name, "layercake.namespace": settings.SANDBOX_NAMESPACE}
+    labels = {
+        "layercake.managed": "1",
+        "layercake.catalog": name,
+        "layercake.namespace": settings.SANDBOX_NAMESPACE,
+    }
     output = list(
         engine.build(
             fileobj=io.BytesIO(_busybox_context()),
