@@ -779,10 +779,18 @@ UNUSUAL_CHARACTERS_RE = re.compile(
 )
 # Matched against a line whose trailing blanks are gone, so that it takes time linear in the line.
 DIRECTIVE_RE = re.compile(r"#[ \t]*([a-zA-Z][a-zA-Z0-9]*)[ \t]*=[ \t]*([^ \t].*)")
-GO_DURATION_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h)")
-GO_DURATION_PART_RE = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
-DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9}
-DURATION_UNITS["h"] = 3600 * 10**9
+# One part of a Go duration ("1.5h", "30s"), and what each unit is in nanoseconds.
+GO_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+DURATION_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60 * 1_000_000_000,
+    "h": 3600 * 1_000_000_000,
+}
 DOCKERFILE_MAX = 256 * 1024
 BLANKS_RE = re.compile(r"[ \t]+")
 # Read the same with or without the shell-like word processing docker applies to image names.
@@ -994,7 +1002,7 @@ def go_duration(value: str) -> int:
         return 0
     sign = -1 if value.startswith("-") else 1
     body = value[1:] if value[:1] in ("+", "-") else value
-    if not re.fullmatch(f"(?:{GO_DURATION_RE.pattern})+", body):
+    if not re.fullmatch(f"(?:{GO_DURATION_PART_RE.pattern})+", body):
         raise HttpError(400, f"Dockerfile parse error: invalid duration {value!r}")
     total = 0
     for number, unit in GO_DURATION_PART_RE.findall(body):
