@@ -1534,8 +1534,10 @@ class StudentGateway:
         stream = await self.engine.open(
             "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
         )
-        # The context is the engine's now: nothing here keeps it, and its slot is free for another build.
-        body = request.body = b""
+        # The context is the engine's now: nothing here keeps it (as sent, expanded or rewritten), and its slot
+        # is free for another build.
+        del body, context
+        request.body = b""
         request.body_sent()
         output = BuildOutput(self.namer, hidden_steps=len(self._image_owner()))
         await self._stream_engine(side, stream, rewrite=output.feed, finish=output.flush)
