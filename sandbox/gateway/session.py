@@ -436,17 +436,15 @@ class StudentGateway:
             ROLE: role,
         }
 
-    def _image_owner(self) -> dict[str, str]:
-        """The labels that mark an image (or an engine event) as this student's: their session, on this site."""
+    def _owner(self) -> dict[str, str]:
+        """The labels that mark an object (or an engine event) as this student's: their session, on this site."""
         return {NAMESPACE: self.config.namespace, SESSION: str(self.record.session_id)}
 
-    def _image_owner_labels(self) -> list[str]:
-        return [f"{key}={value}" for key, value in self._image_owner().items()]
+    def _owner_labels(self) -> list[str]:
+        return [f"{key}={value}" for key, value in self._owner().items()]
 
     def _own_filter(self, extra: dict[str, list[str]] | None = None) -> str:
-        filters: dict[str, list[str]] = {
-            "label": [f"{SESSION}={self.record.session_id}", f"{NAMESPACE}={self.config.namespace}"]
-        }
+        filters: dict[str, list[str]] = {"label": self._owner_labels()}
         for key, values in (extra or {}).items():
             filters.setdefault(key, []).extend(values)
         return json.dumps(filters)
@@ -459,14 +457,9 @@ class StudentGateway:
         return self._own_filter(merged)
 
     def _student_filters(self, request: Request, allowed: set[str]) -> dict[str, list[str]]:
-        raw = request.arg("filters")
-        if not raw:
+        if not request.arg("filters").strip():
             return {}
-        try:
-            decoded = json.loads(raw) if raw.strip() else {}
-        except ValueError as exc:
-            raise HttpError(400, f"invalid filters: {exc}") from exc
-        data = policy.Fields(decoded, "filters")
+        data = policy.Fields(json_arg(request, "filters"), "filters")
         result: dict[str, list[str]] = {}
         for key in list(data.items):
             value = data.take(key)
@@ -686,7 +679,7 @@ class StudentGateway:
 
     async def events_stream(self, side: ServerSide, request: Request) -> None:
         wanted = self._student_filters(request, {"type", "event", "label", "container", "image"})
-        filters: dict[str, list[str]] = {"label": self._image_owner_labels()}
+        filters: dict[str, list[str]] = {"label": self._owner_labels()}
         for key in ("type", "event", "label"):
             if key in wanted:
                 filters.setdefault(key, []).extend(wanted[key])
@@ -707,7 +700,7 @@ class StudentGateway:
         except ValueError:
             return None
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
-        if any(attributes.get(key) != value for key, value in self._image_owner().items()):
+        if any(attributes.get(key) != value for key, value in self._owner().items()):
             return None
         if event.get("Type") == "container" and attributes.get(ROLE) != "student":
             return None
@@ -1385,7 +1378,7 @@ class StudentGateway:
 
     async def image_prune(self, side: ServerSide, request: Request) -> None:
         wanted = self._student_filters(request, {"dangling", "until", "label"})
-        filters = {"label": self._image_owner_labels(), **{k: v for k, v in wanted.items() if k != "label"}}
+        filters = {"label": self._owner_labels(), **{k: v for k, v in wanted.items() if k != "label"}}
         filters["label"].extend(wanted.get("label", []))
         response = await self.engine.call("POST", "/images/prune", query={"filters": json.dumps(filters)})
         await self._respond_engine(side, response)
@@ -1431,7 +1424,7 @@ class StudentGateway:
         if not policy.is_zero(request.json()):
             raise policy.not_available("a configuration body for docker commit (use --change)")
         changes = policy.commit_changes(request.args("changes"))
-        changes.append("LABEL " + " ".join(self._image_owner_labels()))
+        changes.append("LABEL " + " ".join(self._owner_labels()))
         query: list[tuple[str, str]] = [("container", container["Id"])]
         target: Reference | None = None
         views = await self.image_views()
@@ -1492,7 +1485,7 @@ class StudentGateway:
             targets.append(target.familiar)
         self._refuse_more_images(views, tags=tags, new_image=True)
         labels = policy.student_labels(json_arg(request, "labels"), "labels")
-        labels.update(self._image_owner())
+        labels.update(self._owner())
         build_args = json_arg(request, "buildargs")
         if build_args is not None and (
             not isinstance(build_args, dict) or not all(isinstance(v, str | None) for v in build_args.values())
@@ -1539,7 +1532,7 @@ class StudentGateway:
         del body, context
         request.body = b""
         request.body_sent()
-        output = BuildOutput(self.namer, hidden_steps=len(self._image_owner()))
+        output = BuildOutput(self.namer, hidden_steps=len(self._owner()))
         await self._stream_engine(side, stream, rewrite=output.feed, finish=output.flush)
         if output.image_id:
             await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
