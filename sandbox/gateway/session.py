@@ -1164,7 +1164,9 @@ class StudentGateway:
             labels = entry.get("Labels") or {}
             tags = [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
             own_tags = [t for t in tags if self.namer.owns_repo_tag(t)]
-            curated_tags = [t for t in tags if not is_student_repo_tag(t)] if labels.get(CATALOG) else []
+            # Only the name the catalog gave the image: an image built on the engine from a curated one
+            # inherits its label, and whoever built it there did not mean it for every student.
+            curated_tags = [t for t in tags if t == labels.get(CATALOG) and not is_student_repo_tag(t)]
             own = (
                 labels.get(SESSION) == session
                 and labels.get(NAMESPACE) == self.config.namespace

@@ -105,3 +105,24 @@ def test_another_sites_student_with_the_same_session_id_is_someone_else(
             engine.inspect_image(mine)
     finally:
         engine.remove_image(theirs, force=True)
+
+
+def test_an_image_built_on_the_engine_from_a_curated_one_is_not_curated(
+    student: StudentSession, curated_image: str, engine: docker.APIClient
+) -> None:
+    """It inherits the catalog's label, but it is someone's own image: no student sees, runs or builds on it."""
+    private = f"{settings.SANDBOX_NAMESPACE}-private:latest"
+    labels = {"layercake.managed": "1", "layercake.namespace": settings.SANDBOX_NAMESPACE}
+    context = dockerfile_context(f"FROM {curated_image}\nRUN echo secret > /secret\n")
+    list(engine.build(fileobj=io.BytesIO(context), custom_context=True, tag=private, labels=labels, rm=True))
+    try:
+        assert engine.inspect_image(private)["Config"]["Labels"]["layercake.catalog"] == curated_image
+        tags = {t for i in student.call("GET", "/images/json").json() for t in i["RepoTags"]}
+        assert curated_image in tags and private not in tags
+        assert student.call("GET", f"/images/{private}/json").status == 404
+        created = student.call("POST", "/containers/create", {"Image": private, "Cmd": ["cat", "/secret"]})
+        assert created.status == 404 and "No such image" in created.message, created.body
+        built = student.build(f"FROM {private}\n", tag="mine")
+        assert b"Successfully built" not in built.body, built.body
+    finally:
+        engine.remove_image(private, force=True)
