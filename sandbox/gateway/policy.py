@@ -30,6 +30,8 @@ that the feature is not available in the sandbox. For the endpoints that exist:
   within the context limit; a context with a path through a symbolic link is refused.
 * Commits take only the instructions docker allows minus ONBUILD, and never a label in layercake's space
   (also not behind quotes or escapes).
+* Labels: an image or container carries at most 16 KB of the student's (its image's included), and one
+  sandbox's images 256 KB in all, since every student's docker reads the engine's whole list of images.
 * Healthchecks, of a created container or in a Dockerfile, run at most once a second, with no option the
   policy does not know.
 * Filters are read as docker reads them; name filters are RE2 expressions, as Go's are.
@@ -139,6 +141,35 @@ def student_labels(value: Any, where: str = "Labels") -> dict[str, str]:
         if key.lower().startswith(LABEL_SPACE):
             raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox: {key}")
     return labels
+
+
+# The engine lists every image with its labels, and nearly every command of every student reads that list whole:
+# an image (or a container, which a commit makes into one) carries at most this much of the student's labels,
+# counted as keys and values (or as the text of LABEL instructions), and one sandbox's images this much in all.
+LABELS_MAX = 16 * 1024
+SANDBOX_LABELS_MAX = 256 * 1024
+
+
+def labels_size(labels: Mapping[str, Any] | None) -> int:
+    """The bytes of an image's or container's labels that are not layercake's."""
+    return sum(
+        len(key.encode()) + len(str(value).encode())
+        for key, value in (labels or {}).items()
+        if not key.startswith(LABEL_SPACE)
+    )
+
+
+def refuse_large_labels(size: int) -> None:
+    if size > LABELS_MAX:
+        raise Refused(
+            f"an image or container in the sandbox may carry at most {LABELS_MAX // 1024} KB of labels "
+            "(with those of its image)"
+        )
+
+
+def _label_text_size(instructions: "list[Instruction]") -> int:
+    """What LABEL instructions add at most: their text (no variables in them: see `mentions_reserved_label`)."""
+    return sum(len(i.args.encode()) for i in instructions if i.word == "LABEL")
 
 
 @dataclass(frozen=True)
@@ -744,6 +775,11 @@ def commit_changes(changes: list[str]) -> list[str]:
     return changes
 
 
+def changes_label_size(changes: list[str]) -> int:
+    """What the LABEL instructions of checked --change lines (`commit_changes`) add to an image's labels."""
+    return _label_text_size(parse_dockerfile("\n".join(changes)).instructions) if changes else 0
+
+
 # Builds.
 #
 # The engine reads a Dockerfile with its own Go parser. The checks below read it as that parser does, step for
@@ -1015,6 +1051,8 @@ class DockerfilePlan:
     dockerfile: Dockerfile
     images: dict[int, str]
     copy_from: dict[int, str]
+    # What its LABEL instructions add to the labels of the images they build on, at most.
+    label_bytes: int = 0
 
 
 def dockerfile_plan(text: str) -> DockerfilePlan:
@@ -1078,7 +1116,12 @@ def dockerfile_plan(text: str) -> DockerfilePlan:
                     raise Refused(f"HEALTHCHECK --{name} must be at least 1s in the sandbox")
         elif word == "LABEL" and mentions_reserved_label(" ".join([*instruction.flags, args])):
             raise Refused(f"labels starting with {LABEL_SPACE!r} are reserved by the sandbox")
-    return DockerfilePlan(dockerfile=parsed, images=images, copy_from=copy_from)
+    return DockerfilePlan(
+        dockerfile=parsed,
+        images=images,
+        copy_from=copy_from,
+        label_bytes=_label_text_size(parsed.instructions),
+    )
 
 
 def dockerfile_rewrite(plan: DockerfilePlan, resolved: Callable[[str], str]) -> str:

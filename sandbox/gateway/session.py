@@ -796,6 +796,9 @@ class StudentGateway:
         image: ImageView,
         containers: list[dict[str, Any]],
     ) -> Response:
+        # A container carries its image's labels too.
+        inherited = image.entry.get("Labels") or {}
+        policy.refuse_large_labels(policy.labels_size({**inherited, **plan.config["Labels"]}))
         if len(containers) >= self.record.max_containers:
             raise policy.Refused(
                 f"your sandbox may hold at most {self.record.max_containers} containers; remove some with "
@@ -1301,9 +1304,12 @@ class StudentGateway:
                 "choose another name"
             )
 
-    def _refuse_more_images(self, views: list[ImageView], *, tags: list[str], new_image: bool) -> None:
+    def _refuse_more_images(
+        self, views: list[ImageView], *, tags: list[str], new_image: bool, labels: int = 0
+    ) -> None:
         """Every student's every command reads the engine's whole list of images: one student's thousands of
-        names (a tag costs the engine nothing) would slow it for all, and past its size fail it for all."""
+        names (a tag costs the engine nothing) or megabytes of labels would slow it for all, and past its size
+        fail it for all. `labels` is the size of the new image's labels."""
         own_tags = {tag for view in views for tag in view.own_tags}
         if len(own_tags | set(tags)) > MAX_IMAGE_TAGS:
             raise policy.Refused(
@@ -1315,6 +1321,14 @@ class StudentGateway:
                 f"your sandbox may hold at most {MAX_IMAGES} images; remove some with docker image rm or "
                 "docker image prune (docker images -a lists them)"
             )
+        if new_image:
+            policy.refuse_large_labels(labels)
+            held = sum(policy.labels_size(view.entry.get("Labels")) for view in views if view.own)
+            if held + labels > policy.SANDBOX_LABELS_MAX:
+                raise policy.Refused(
+                    f"your sandbox's images may carry at most {policy.SANDBOX_LABELS_MAX // 1024} KB of labels in "
+                    "all; remove some with docker image rm or docker image prune"
+                )
 
     async def image_tag(self, side: ServerSide, request: Request, ref: str) -> None:
         views = await self.image_views()
@@ -1426,6 +1440,7 @@ class StudentGateway:
         if not policy.is_zero(request.json()):
             raise policy.not_available("a configuration body for docker commit (use --change)")
         changes = policy.commit_changes(request.args("changes"))
+        labels = policy.labels_size(container.get("Labels")) + policy.changes_label_size(changes)
         changes.append("LABEL " + " ".join(self._owner_labels()))
         query: list[tuple[str, str]] = [("container", container["Id"])]
         target: Reference | None = None
@@ -1437,7 +1452,7 @@ class StudentGateway:
             repo, tag = split_repo_tag(engine_tag)
             query += [("repo", repo), ("tag", tag)]
             engine_tags.append(engine_tag)
-        self._refuse_more_images(views, tags=engine_tags, new_image=True)
+        self._refuse_more_images(views, tags=engine_tags, new_image=True, labels=labels)
         for key in ("comment", "author"):
             if request.arg(key):
                 query.append((key, request.arg(key)))
@@ -1485,7 +1500,6 @@ class StudentGateway:
             await self._refuse_curated_name(target, views)
             tags.append(engine_tag)
             targets.append(target.familiar)
-        self._refuse_more_images(views, tags=tags, new_image=True)
         labels = policy.student_labels(json_arg(request, "labels"), "labels")
         labels.update(self._owner())
         build_args = json_arg(request, "buildargs")
@@ -1501,9 +1515,15 @@ class StudentGateway:
         )
         plan = policy.dockerfile_plan(context.dockerfile_text)
         resolved: dict[str, str] = {}
-        for image in [*plan.images.values(), *plan.copy_from.values()]:
+        inherited = 0
+        for position, image in [*plan.images.items(), *plan.copy_from.items()]:
             view = self._find_image(views, image)
             resolved[image] = self._engine_image_ref(view, image)
+            if position in plan.images:
+                inherited = max(inherited, policy.labels_size(view.entry.get("Labels")))
+        self._refuse_more_images(
+            views, tags=tags, new_image=True, labels=inherited + plan.label_bytes + policy.labels_size(labels)
+        )
         text = policy.dockerfile_rewrite(plan, lambda image: resolved[image])
         body = await asyncio.to_thread(
             policy.build_context_replace, context.tar, member_name=context.member_name, text=text

@@ -1,0 +1,70 @@
+"""Third red-team pass: what one student could do to every other student's docker, or to what is not theirs."""
+
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from sandbox.gateway.policy import LABELS_MAX, SANDBOX_LABELS_MAX
+
+from .conftest import StudentSession, owned_objects
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
+
+
+def _labels(size: int, key: str = "k") -> dict[str, str]:
+    """Labels of about `size` bytes, in values of 1000."""
+    return {f"{key}{index}": "x" * 1000 for index in range(size // 1000 + 1)}
+
+
+def test_labels_are_bounded_for_the_list_every_student_reads(
+    student: StudentSession, curated_image: str, engine: Any
+) -> None:
+    # The engine lists every image with its labels, and every student's docker reads that list whole: a few
+    # megabytes of labels per image (a create body may be 1 MB; a commit makes the container's labels an
+    # image's) would make it answer too much, or too slowly, for everyone.
+    huge = student.call(
+        "POST", "/v1.41/containers/create?name=huge", {"Image": curated_image, "Labels": _labels(LABELS_MAX)}
+    )
+    assert huge.status == 403 and "labels" in huge.message, huge.body
+    assert owned_objects(engine, student)["containers"] == []
+
+    half = _labels(LABELS_MAX * 3 // 4)
+    created = student.call("POST", "/v1.41/containers/create?name=half", {"Image": curated_image, "Labels": half})
+    assert created.status == 201, created.body
+    change = quote("LABEL more=" + "y" * (LABELS_MAX // 2))
+    refused = student.call("POST", f"/v1.41/commit?container=half&repo=more&changes={change}")
+    assert refused.status == 403 and "labels" in refused.message, refused.body
+    committed = student.call("POST", "/v1.41/commit?container=half&repo=half")
+    assert committed.status == 201, committed.body
+    # What it carries now counts when it is built on or run again.
+    on_top = student.build(f"FROM half\nLABEL more={'y' * (LABELS_MAX // 2)}\n", tag="ontop")
+    assert on_top.status == 403 and "labels" in on_top.message, on_top.body
+    rerun = student.call(
+        "POST", "/v1.41/containers/create?name=rerun", {"Image": "half", "Labels": _labels(LABELS_MAX // 2, "z")}
+    )
+    assert rerun.status == 403, rerun.body
+    built = student.build(f"FROM {curated_image}\nLABEL big={'y' * LABELS_MAX}\n", tag="big")
+    assert built.status == 403 and "labels" in built.message, built.body
+    assert len(owned_objects(engine, student)["images"]) == 1
+
+    # Small labels, as lessons use them, are as docker has them.
+    small = student.build(f'FROM {curated_image}\nLABEL lesson="labels" version=1\n', tag="small")
+    assert small.status == 200 and b"Successfully" in small.body, small.body
+    shown = student.call("GET", "/v1.41/images/small/json").json()["Config"]["Labels"]
+    assert shown["lesson"] == "labels" and shown["version"] == "1"
+
+
+def test_one_sandboxs_images_carry_a_bounded_amount_of_labels(student: StudentSession, curated_image: str) -> None:
+    labels = _labels(LABELS_MAX * 3 // 4)
+    created = student.call("POST", "/v1.41/containers/create?name=src", {"Image": curated_image, "Labels": labels})
+    assert created.status == 201, created.body
+    each = sum(len(k) + len(v) for k, v in labels.items())
+    for index in range(SANDBOX_LABELS_MAX // each):
+        committed = student.call("POST", f"/v1.41/commit?container=src&repo=copy{index}")
+        assert committed.status == 201, committed.body
+    refused = student.call("POST", "/v1.41/commit?container=src&repo=onetoomany")
+    assert refused.status == 403 and "in all" in refused.message, refused.body
+    removed = student.call("DELETE", "/v1.41/images/copy0")
+    assert removed.status == 200, removed.body
+    assert student.call("POST", "/v1.41/commit?container=src&repo=again").status == 201
