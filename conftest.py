@@ -1,13 +1,17 @@
-"""Fixtures shared by every app's tests: the real engine, a real Redis, a real Celery worker and a real
-ASGI server, each cleaned up by label even when a test fails."""
+"""Fixtures shared by every app's tests: the real engine, a real Redis, a real Celery worker, a real
+ASGI server and the gateway, each cleaned up by label even when a test fails."""
 
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.gateway_process import GatewayProcess
 
 # Set before Django reads its settings, so that every thread and child process of this run shares one namespace.
 os.environ.setdefault("LAYERCAKE_SANDBOX_NAMESPACE", f"lctest{os.getpid()}")
@@ -104,3 +108,21 @@ def live_asgi(celery_live_worker: None) -> Iterator[str]:
     yield f"127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gateway_process() -> Iterator["GatewayProcess"]:
+    """`manage.py gateway` of this test run, serving the sessions of its namespace."""
+    import shutil
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from tests.gateway_process import GatewayProcess
+
+    process = GatewayProcess()
+    process.start()
+    yield process
+    process.stop()
+    shutil.rmtree(Path(settings.GATEWAY_DIR), ignore_errors=True)
+    process.log.unlink(missing_ok=True)

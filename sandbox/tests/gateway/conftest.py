@@ -5,13 +5,9 @@ import http.client
 import http.server
 import io
 import json
-import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -25,51 +21,10 @@ import docker.errors
 import pytest
 from django.conf import settings
 
+from tests.gateway_process import GatewayProcess
+
 WORKSTATION_IMAGE = "layercake/workstation:latest"
 BASE_DIR = Path(__file__).resolve().parents[3]
-
-
-class GatewayProcess:
-    """`manage.py gateway` as the supervisor runs it, in a child process of the test run."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = Path(settings.GATEWAY_DIR).parent / f"{settings.SANDBOX_NAMESPACE}.log"
-
-    def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tutorial.settings.test",
-            "LAYERCAKE_SANDBOX_NAMESPACE": settings.SANDBOX_NAMESPACE,
-        }
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "manage.py", "gateway"], cwd=BASE_DIR, env=env, stdout=log, stderr=log
-            )
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture(scope="session")
-def gateway_process() -> Iterator[GatewayProcess]:
-    process = GatewayProcess()
-    process.start()
-    yield process
-    process.stop()
-    shutil.rmtree(Path(settings.GATEWAY_DIR), ignore_errors=True)
-    process.log.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
