@@ -200,6 +200,17 @@ def ports_label(ports: list[PortBinding]) -> str:
     return ",".join(port.label() for port in ports)
 
 
+def port_filter(value: str) -> Callable[[int, str], bool]:
+    """`docker ps --filter publish=PORT[-END][/PROTO]`: a test of a published port and its protocol."""
+    match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp|sctp))?", value)
+    if match is None:
+        raise HttpError(400, f"Invalid filter 'publish={value}'")
+    start = int(match.group(1))
+    end = int(match.group(2) or start)
+    proto = match.group(3) or "tcp"
+    return lambda port, kind: start <= port <= end and kind == proto
+
+
 def parse_ports_label(value: str) -> list[PortBinding]:
     ports = []
     for item in filter(None, value.split(",")):
@@ -618,7 +629,8 @@ def exec_create_body(body: Any) -> dict[str, Any]:
     spec = Fields(body, "ExecConfig")
     spec.deny("Privileged", "docker exec --privileged")
     out: dict[str, Any] = {}
-    for name in ("AttachStdin", "AttachStdout", "AttachStderr", "Tty"):
+    # Detach is what `docker exec -d` says; the engine reads it from the start request.
+    for name in ("AttachStdin", "AttachStdout", "AttachStderr", "Tty", "Detach"):
         value = spec.take(name)
         if value is not None:
             out[name] = _typed(value, bool, name)

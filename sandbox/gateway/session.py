@@ -208,8 +208,8 @@ DENIED = [
     ("/distribution", "registry access"),
     (
         "/networks/prune",
-        "docker system prune and docker network prune (prune your own containers and images "
-        "with docker container prune and docker image prune)",
+        "docker system prune and docker network prune (docker container prune and docker image prune "
+        "clean up your own containers and images)",
     ),
     ("/networks/create", "docker network create (your containers share your sandbox's own network)"),
     ("/volumes/prune", "docker volume prune"),
@@ -297,6 +297,7 @@ class StudentGateway:
             ("DELETE", r"/volumes/(?P<ref>[^/]+)", self.volume_remove),
             ("GET", r"/networks", self.network_list),
             ("GET", r"/networks/(?P<ref>[^/]+)", self.network_inspect),
+            ("GET", r"/plugins/(?P<ref>[^/]+)/json", self.plugin_inspect),
         ]
         routes = []
         for method, pattern, handler in table:
@@ -604,6 +605,11 @@ class StudentGateway:
         response = await self.engine.call("GET", "/version")
         await self._respond_engine(side, response)
 
+    async def plugin_inspect(self, side: ServerSide, request: Request, ref: str) -> None:
+        """The sandbox has no plugins: `docker inspect NAME` asks for one last, and must hear "not found" to
+        say "No such object", as it does on an engine without plugins."""
+        raise HttpError(404, f"plugin {json.dumps(ref)} not found")
+
     async def info(self, side: ServerSide, request: Request) -> None:
         info = await self.engine.json("GET", "/info")
         containers = await self.own_containers()
@@ -745,6 +751,10 @@ class StudentGateway:
                 extra[key] = [(await self.resolve_container(ref))["Id"] for ref in wanted[key]]
         if "volume" in wanted:
             extra["volume"] = [self.namer.volume(v) if "/" not in v else v for v in wanted["volume"]]
+        if "network" in wanted:
+            # Only the student's own containers are listed whatever the network, so any name can be asked for.
+            extra["network"] = [self.network if v in ("bridge", "default") else v for v in wanted["network"]]
+        published = [policy.port_filter(v) for v in wanted.get("publish", [])]
         query = {"filters": self._containers_filter(extra)}
         if request.flag("all"):
             query["all"] = "1"
@@ -754,8 +764,25 @@ class StudentGateway:
         moved = await self._moved_images(containers)
         views = [self._container_view(c, image_moved=c["Id"] in moved) for c in containers]
         if names:
+            # As docker does, each name is tried with its leading slash and without.
             patterns = policy.name_patterns(names)
-            views = [v for v in views if any(p.search(name) for p in patterns for name in v["Names"])]
+            views = [
+                v
+                for v in views
+                if any(p.search(n) or p.search(n.lstrip("/")) for p in patterns for n in v["Names"])
+            ]
+        if published:
+            # The engine publishes none of the students' ports; their forwarders do, while the container runs.
+            views = [
+                v
+                for v in views
+                if v.get("State") == "running"
+                and any(
+                    port.get("PublicPort") and match(int(port["PublicPort"]), str(port.get("Type")))
+                    for port in v.get("Ports") or []
+                    for match in published
+                )
+            ]
         limit = request.arg("limit")
         if limit.lstrip("-").isdigit() and int(limit) > 0:
             views = views[: int(limit)]
@@ -936,7 +963,11 @@ class StudentGateway:
         await self._container_passthrough(side, request, ref, "/changes", ())
 
     async def container_stats(self, side: ServerSide, request: Request, ref: str) -> None:
-        await self._container_passthrough(side, request, ref, "/stats", ("stream", "one-shot"))
+        container = await self.resolve_container(ref)
+        query = [(k, v) for k, v in request.query if k in ("stream", "one-shot")]
+        stream = await self.engine.open("GET", f"/containers/{container['Id']}/stats", query=query)
+        rewrite = LineRewriter(lambda line: self.namer.unmask(line.decode()).encode() + b"\n")
+        await self._stream_engine(side, stream, rewrite=rewrite.feed, finish=rewrite.flush)
 
     async def container_wait(self, side: ServerSide, request: Request, ref: str) -> None:
         await self._container_passthrough(side, request, ref, "/wait", ("condition",), method="POST")
@@ -1376,8 +1407,14 @@ class StudentGateway:
                         "in multiple repositories",
                     )
         target = by_name or view.id
+        if by_name and split_repo_tag(ref)[1] == "":
+            # Named as the student named it, so that the engine's messages echo what they typed.
+            target = by_name.rpartition(":")[0]
+        # Forced by name only for an image of the student's own: untagging the last name of another image
+        # (a curated one they tagged, say) must not delete it from under other students' containers.
+        forced = request.flag("force") and (by_name is None or view.own)
         query = {
-            "force": "1" if request.flag("force") and by_name is None else "0",
+            "force": "1" if forced else "0",
             "noprune": "1" if request.flag("noprune") else "0",
         }
         response = await self.engine.call("DELETE", f"/images/{q(target)}", query=query)

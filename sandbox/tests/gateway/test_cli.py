@@ -149,3 +149,41 @@ def test_curriculum_commands_through_the_gateway(
     ok(ws.docker("docker image prune -f"))
     ok(ws.docker("docker container prune -f"))
     assert image.split(":")[0] in ok(ws.docker("docker images"))
+
+
+def test_what_a_student_also_types_answers_as_docker_does(
+    student: StudentSession, workstation_factory: Any, curated_image: str
+) -> None:
+    ws = workstation_factory.for_session(student)
+    base = workstation_factory.baseline()
+    image = curated_image
+
+    # The CLI's last guess for an unknown name is a plugin: the answer must be docker's own.
+    for workstation in (ws, base):
+        code, said = workstation.docker("docker inspect nosuch-thing 2>&1 >/dev/null")
+        assert (code, said) == (1, "Error: No such object: nosuch-thing\n")
+
+    ok(ws.docker(f"docker run -d --name web -p 8080:80 {image} sleep 600"))
+    ok(ws.docker(f"docker run -d --name other {image} sleep 600"))
+    assert ok(ws.docker("docker ps --filter 'name=^web$' --format '{{.Names}}'")) == "web\n"
+    assert ok(ws.docker("docker ps --filter publish=8080 --format '{{.Names}}'")) == "web\n"
+    assert ok(ws.docker("docker ps --filter publish=8000-8090/tcp --format '{{.Names}}'")) == "web\n"
+    assert ok(ws.docker("docker ps --filter publish=8081 --format '{{.Names}}'")) == ""
+    assert ok(ws.docker("docker ps --filter network=nosuch --format '{{.Names}}'")) == ""
+    assert sorted(ok(ws.docker("docker ps --filter network=bridge --format '{{.Names}}'")).split()) == [
+        "other",
+        "web",
+    ]
+    stats = ok(ws.docker("docker stats --no-stream --format '{{.Name}} {{.Container}}' web"))
+    assert stats.split()[0] == "web" and "-s" not in stats, stats
+
+    ok(ws.docker("docker exec -d web sh -c 'echo detached > /mark'"))
+    ok(ws.docker("sleep 1"))
+    assert ok(ws.docker("docker exec web cat /mark")) == "detached\n"
+
+    # Forced by name, an image a stopped container uses loses its name and stays, as docker does.
+    ok(ws.docker(f"docker tag {image} mine && docker run --name user-of-mine mine true"))
+    assert ok(ws.docker("docker rmi -f mine")) == "Untagged: mine:latest\n"
+    assert ok(ws.docker("docker start -a user-of-mine")) == ""
+    assert image.split(":")[0] in ok(ws.docker("docker images"))
+    ok(ws.docker("docker rm -f web other user-of-mine"))
