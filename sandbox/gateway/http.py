@@ -113,6 +113,8 @@ class ServerSide:
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        # An answer to HEAD has the head that GET would have, and no body.
+        self.head_only = False
 
     async def _next_event(self) -> Any:
         while True:
@@ -159,8 +161,10 @@ class ServerSide:
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, "malformed query string") from exc
         upgrade = "upgrade" in headers.get("connection", "").lower() and "upgrade" in headers
+        method = event.method.decode("ascii").upper()
+        self.head_only = method == "HEAD"
         return Request(
-            method=event.method.decode("ascii").upper(),
+            method=method,
             target=target,
             path=split.path,
             query=query,
@@ -214,7 +218,7 @@ class ServerSide:
             *headers,
         ]
         await self._send(h11.Response(status_code=status, headers=head))
-        if body:
+        if body and not self.head_only:
             await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
 
@@ -232,7 +236,7 @@ class ServerSide:
         await self._send(h11.Response(status_code=status, headers=head))
 
     async def stream_data(self, data: bytes) -> None:
-        if data:
+        if data and not self.head_only:
             await self._send(h11.Data(data=data))
 
     async def end_stream(self) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import time
 from pathlib import Path
 
@@ -81,6 +82,23 @@ GATEWAY_FULL = HttpError(503, "the sandbox's docker is busy right now; try again
 # Refusals answered at once (each waits a second at most for the request to answer); past this many, a
 # connection is closed unanswered, so that refusing cannot itself hold the gateway's open files.
 REFUSALS_MAX = 64
+
+
+def bound_socket(path: Path) -> socket.socket:
+    """A listening socket at `path`, bound through a descriptor of its directory: a unix socket's name is
+    what every client reads as its peer's address, and the host's own paths are no student's business."""
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"/proc/self/fd/{directory}/{path.name}")
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.close(directory)
+    sock.setblocking(False)
+    return sock
 
 
 class SessionServer:
@@ -252,7 +270,7 @@ class Gateway:
             staging = directory / ".docker.sock.new"
             with contextlib.suppress(FileNotFoundError):
                 staging.unlink()
-            server = await asyncio.start_unix_server(on_connection, path=str(staging), limit=1024 * 1024)
+            server = await asyncio.start_unix_server(on_connection, sock=bound_socket(staging), limit=1024 * 1024)
             # Never through a link, should one be where the socket was just made.
             os.chown(staging, self.config.socket_uid, self.config.socket_gid, follow_symlinks=False)
             os.chmod(staging, 0o660, follow_symlinks=False)

@@ -27,6 +27,13 @@ def test_socket_is_the_only_thing_in_the_directory_and_uid_1000_can_connect(stud
     assert student.directory.stat().st_mode & 0o755 == 0o755
 
 
+def test_the_socket_name_a_client_reads_holds_no_host_path(student: StudentSession) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(student.socket))
+        peer = sock.getpeername()
+    assert str(student.directory) not in peer and "docker.sock" in peer, peer
+
+
 def test_versioned_and_unversioned_paths(student: StudentSession) -> None:
     assert student.call("GET", "/version").json()["ApiVersion"] == "1.41"
     assert student.call("GET", "/v1.41/version").status == 200
@@ -146,3 +153,17 @@ def test_body_over_the_cap_is_refused(student: StudentSession) -> None:
         with contextlib.suppress(BrokenPipeError):
             sock.sendall(head + body)
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+
+
+def test_a_refused_head_request_is_answered_and_the_connection_goes_on(
+    student: StudentSession, curated_image: str
+) -> None:
+    """`docker cp` asks HEAD first: its refusal is a head without a body, and the next request is served."""
+    student.run(curated_image, ["sleep", "60"], name="web")
+    data = student.raw(
+        b"HEAD /v1.41/containers/web/archive?path=/etc HTTP/1.1\r\nHost: docker\r\n\r\n"
+        b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
+    )
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403") and b"Content-Length: " in head
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"OK"), data
