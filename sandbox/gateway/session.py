@@ -497,8 +497,10 @@ class StudentGateway:
         *,
         rewrite: Callable[[bytes], bytes] | None = None,
         finish: Callable[[], bytes] | None = None,
+        each: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Relay a streaming answer as it comes, without buffering it."""
+        """Relay a streaming answer as it comes, without buffering it; `each` is awaited after each chunk is
+        read (and rewritten), before it is relayed."""
         try:
             head = await stream.head()
             if head.status >= 400:
@@ -508,7 +510,10 @@ class StudentGateway:
             headers = [(k, v) for k, v in head.raw_headers if k.lower() in PASS_HEADERS]
             await side.start_stream(head.status, headers)
             async for chunk in stream.chunks():
-                await side.stream_data(rewrite(chunk) if rewrite else chunk)
+                data = rewrite(chunk) if rewrite else chunk
+                if each is not None:
+                    await each()
+                await side.stream_data(data)
             if finish is not None:
                 await side.stream_data(finish())
             await side.end_stream()
@@ -1580,7 +1585,9 @@ class StudentGateway:
             ("labels", json.dumps(labels)),
             ("version", "1"),
         ]
-        for key in ("q", "nocache", "target", "buildargs"):
+        # Never quiet to the engine: it would keep all of the progress in its memory, and name no step's
+        # container (the gateway shows what `docker build -q` shows).
+        for key in ("nocache", "target", "buildargs"):
             if request.arg(key):
                 query.append((key, request.arg(key)))
         stream = await self.engine.open(
@@ -1591,10 +1598,46 @@ class StudentGateway:
         del body, context
         request.body = b""
         request.body_sent()
-        output = BuildOutput(self.namer, hidden_steps=len(self._owner()))
-        await self._stream_engine(side, stream, rewrite=output.feed, finish=output.flush)
+        output = BuildOutput(self.namer, hidden_steps=len(self._owner()), quiet=request.flag("q"))
+        await self._stream_engine(
+            side, stream, rewrite=output.feed, finish=output.flush, each=lambda: self._limit_steps(output, memory)
+        )
         if output.image_id:
             await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
+
+    async def _limit_steps(self, output: "BuildOutput", memory: int) -> None:
+        """The builder cannot limit the processes of a step's container, which runs whatever the student wrote:
+        each gets the limit of the student's containers as soon as the builder names it (before it starts it,
+        or a moment after). Only a container the builder made with this gateway's settings for builds is
+        changed, since a RUN step may print the same words as the builder."""
+        while output.step_containers:
+            ref = output.step_containers.pop(0)
+            response = await self.engine.call("GET", f"/containers/{ref}/json")
+            if response.status != 200:
+                continue
+            detail = response.json()
+            host = detail.get("HostConfig") or {}
+            if not (
+                host.get("NetworkMode") == "none"
+                and host.get("Memory") == memory
+                and host.get("CpuPeriod") == 100000
+                and host.get("CpuQuota") == self.limits.nano_cpus // 10_000
+                and str(detail.get("Id", "")).startswith(ref)
+            ):
+                continue
+            updated = await self.engine.call(
+                "POST", f"/containers/{detail['Id']}/update", payload={"PidsLimit": self.limits.pids}
+            )
+            if updated.status >= 300:
+                # A step that is over is gone or going; one that runs unlimited is stopped, failing the build.
+                killed = await self.engine.call("POST", f"/containers/{detail['Id']}/kill")
+                if killed.status < 300:
+                    log.warning(
+                        "session %s: stopped build step %s, which could not be limited: %s",
+                        self.record.session_id,
+                        ref,
+                        updated.message,
+                    )
 
     # Volumes.
 
@@ -1709,6 +1752,10 @@ class LineRewriter:
 
 STEP_RE = re.compile(r"^Step (\d+)/(\d+) : ")
 ID_LINE_RE = re.compile(r"^ ---> [0-9a-f]{12}\n?$")
+# The builder names each step's container before it starts it; a RUN step may print the same words.
+RUNNING_RE = re.compile(r"^ ---> Running in ([0-9a-f]{12})\n?$")
+# What `docker build -q` holds back of the progress, to show should the build fail (the engine keeps it all).
+QUIET_HELD_MAX = 1024 * 1024
 
 
 class BuildOutput(LineRewriter):
@@ -1716,7 +1763,7 @@ class BuildOutput(LineRewriter):
     as theirs (each label of the labels parameter becomes a LABEL step of its own, in the order of the keys;
     only the gateway's labels are in layercake's space)."""
 
-    def __init__(self, namer: Namer, *, hidden_steps: int) -> None:
+    def __init__(self, namer: Namer, *, hidden_steps: int, quiet: bool = False) -> None:
         super().__init__(self._line)
         self.namer = namer
         self.hidden_steps = hidden_steps
@@ -1724,6 +1771,12 @@ class BuildOutput(LineRewriter):
         self.hiding = False
         self.image_id = ""
         self.held = b""
+        # The containers the builder says it runs steps in, as it says so (see `StudentGateway._limit_steps`).
+        self.step_containers: list[str] = []
+        # As the engine answers `docker build -q`: only the image's ID, or everything once it fails.
+        self.quiet = quiet
+        self.failed = False
+        self.quiet_held = b""
 
     def _line(self, line: bytes) -> bytes | None:
         try:
@@ -1734,6 +1787,11 @@ class BuildOutput(LineRewriter):
         if isinstance(aux, dict) and aux.get("ID"):
             self.image_id = str(aux["ID"])
         text = message.get("stream")
+        running = RUNNING_RE.match(text) if isinstance(text, str) else None
+        if running:
+            self.step_containers.append(running.group(1))
+        if message.get("error"):
+            self.failed = True
         # A step's resulting ID is held until what follows shows whether the next step is shown.
         held, self.held = self.held, b""
         if isinstance(text, str):
@@ -1765,10 +1823,30 @@ class BuildOutput(LineRewriter):
     def _encode(self, message: dict[str, Any]) -> bytes:
         return self.namer.unmask(json.dumps(message)).encode() + b"\r\n"
 
+    def feed(self, chunk: bytes) -> bytes:
+        return self._quietly(super().feed(chunk))
+
     def flush(self) -> bytes:
         rest = super().flush()
         held, self.held = self.held, b""
-        return held + rest
+        out = self._quietly(held + rest)
+        if self.quiet and not self.failed and self.image_id:
+            self.quiet_held = b""
+            return out + self._encode({"stream": self.image_id + "\n"})
+        return out
+
+    def _quietly(self, out: bytes) -> bytes:
+        if not self.quiet:
+            return out
+        held = self.quiet_held + out
+        self.quiet_held = b""
+        if self.failed:
+            return held
+        if len(held) > QUIET_HELD_MAX:
+            cut = held.find(b"\n", len(held) - QUIET_HELD_MAX)
+            held = held[cut + 1 :] if cut >= 0 else b""
+        self.quiet_held = held
+        return b""
 
 
 async def splice(

@@ -1,5 +1,6 @@
 """Third red-team pass: what one student could do to every other student's docker, or to what is not theirs."""
 
+import json
 from typing import Any
 from urllib.parse import quote
 
@@ -7,7 +8,11 @@ import pytest
 
 from sandbox.gateway.policy import LABELS_MAX, SANDBOX_LABELS_MAX
 
-from .conftest import StudentSession, owned_objects
+from .conftest import StudentSession, dockerfile_context, owned_objects
+
+TAR = {"Content-Type": "application/x-tar"}
+# A container's limit on its processes, under cgroup v1 or v2.
+PIDS_MAX = "/sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max"
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
 
@@ -68,3 +73,46 @@ def test_one_sandboxs_images_carry_a_bounded_amount_of_labels(student: StudentSe
     removed = student.call("DELETE", "/v1.41/images/copy0")
     assert removed.status == 200, removed.body
     assert student.call("POST", "/v1.41/commit?container=src&repo=again").status == 201
+
+
+def _build_output(answer: Any) -> str:
+    return "".join(json.loads(line).get("stream", "") for line in answer.body.splitlines() if line.strip())
+
+
+def test_a_build_step_runs_as_few_processes_as_a_container(
+    student_factory: Any, curated_image: str, engine: Any
+) -> None:
+    # The builder cannot limit the processes of a step, which runs whatever the student wrote: one RUN could
+    # fork until the host has no process IDs left for anyone (the engine and the site included).
+    student: StudentSession = student_factory()
+    other: StudentSession = student_factory()
+    victim = other.run(curated_image, ["sleep", "600"], HostConfig={"PidsLimit": 64, "NetworkMode": "none"})
+    script = (
+        f"echo ' ---> Running in {victim[:12]}'; sleep 2; "
+        f"echo limit=$(cat {PIDS_MAX}); "
+        "i=0; while [ $i -lt 300 ]; do sleep 5 & i=$((i+1)); done; echo started-$((150*2))"
+    )
+    answer = student.build(f"FROM {curated_image}\nRUN {script}\n")
+    assert answer.status == 200, answer.body
+    text = _build_output(answer)
+    assert "limit=128" in text and "started-300" not in text, text
+    assert b"errorDetail" in answer.body, answer.body
+    # Words a step prints are not the builder's: another sandbox's container keeps its own limit.
+    assert engine.inspect_container(victim)["HostConfig"]["PidsLimit"] == 64
+
+
+def test_a_quiet_build_is_not_kept_by_the_engine(student: StudentSession, curated_image: str) -> None:
+    # The engine keeps all of a quiet build's progress in its own memory: a RUN that prints without end would
+    # grow it for everyone. The gateway asks for the progress and shows what docker build -q shows.
+    path = "/v1.41/build?q=1&t=quiet"
+    dockerfile = f"FROM {curated_image}\nRUN echo made-quietly\n"
+    answer = student.call("POST", path, body=dockerfile_context(dockerfile), headers=TAR)
+    assert answer.status == 200, answer.body
+    lines = [json.loads(line) for line in answer.body.splitlines() if line.strip()]
+    image_id = student.call("GET", "/v1.41/images/quiet/json").json()["Id"]
+    assert lines == [{"stream": image_id + "\n"}], lines
+    # A quiet build's steps are limited as any other's, and what they said is shown once one fails.
+    failing = f"FROM {curated_image}\nRUN sleep 2; echo limit=$(cat {PIDS_MAX}); false\n"
+    failed = student.call("POST", path, body=dockerfile_context(failing), headers=TAR)
+    assert b"errorDetail" in failed.body, failed.body
+    assert "limit=128" in _build_output(failed), failed.body
