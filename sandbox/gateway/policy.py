@@ -625,6 +625,13 @@ def container_update_plan(*, body: Any, limits: Limits) -> UpdatePlan:
     return UpdatePlan(body=out, memory=memory or None)
 
 
+# The engine keeps each exec instance, its command and environment included, in its memory until the instance
+# has finished and a while after, or until its container goes if it never starts; so each is small, and a
+# container has a few unfinished ones at most (see `StudentGateway.exec_create`).
+EXEC_CONFIG_MAX = 16 * 1024
+MAX_PENDING_EXECS = 32
+
+
 def exec_create_body(body: Any) -> dict[str, Any]:
     spec = Fields(body, "ExecConfig")
     spec.deny("Privileged", "docker exec --privileged")
@@ -646,6 +653,11 @@ def exec_create_body(body: Any) -> dict[str, Any]:
     if console is not None:
         out["ConsoleSize"] = console
     spec.finish()
+    if len(json.dumps(out)) > EXEC_CONFIG_MAX:
+        raise Refused(
+            f"docker exec in the sandbox takes at most {EXEC_CONFIG_MAX // 1024} KB of command and environment; "
+            "put a long script in a file"
+        )
     return out
 
 

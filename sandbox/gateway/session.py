@@ -89,6 +89,14 @@ def not_found_image(ref: str) -> HttpError:
     return HttpError(404, f"No such image: {ref}")
 
 
+def not_pullable(name: str) -> HttpError:
+    return HttpError(
+        404,
+        f"pull access denied for {name}, repository does not exist or may require 'docker login': in the "
+        "Layercake sandbox only the course's curated images can be pulled",
+    )
+
+
 def not_found_exec(ref: str) -> HttpError:
     return HttpError(404, f"No such exec instance: {ref}")
 
@@ -1155,6 +1163,13 @@ class StudentGateway:
     async def exec_create(self, side: ServerSide, request: Request, ref: str) -> None:
         container = await self.resolve_container(ref)
         body = policy.exec_create_body(request.json())
+        detail = await self.engine.json("GET", f"/containers/{container['Id']}/json")
+        # The engine lists the instances that have not finished (not started, or running).
+        if len(detail.get("ExecIDs") or []) >= policy.MAX_PENDING_EXECS:
+            raise policy.Refused(
+                f"a container in the sandbox may have at most {policy.MAX_PENDING_EXECS} docker exec instances "
+                "that have not finished; wait for some, or start those you made"
+            )
         response = await self.engine.call("POST", f"/containers/{container['Id']}/exec", payload=body)
         await self._respond_engine(side, response)
 
@@ -1242,6 +1257,20 @@ class StudentGateway:
         if parsed is not None:
             raise not_found_image(parsed.familiar if not parsed.digest else ref)
         raise not_found_image(ref)
+
+    def _find_build_image(self, views: list[ImageView], ref: str) -> ImageView:
+        """An image a Dockerfile names. The engine pulls a name it does not have (a short hex string may be
+        one), and looks up only a full ID: here, a name that is not found cannot be pulled."""
+        try:
+            return self._find_image(views, ref)
+        except HttpError:
+            if ref.startswith("sha256:") or re.fullmatch(r"[0-9a-f]{64}", ref):
+                raise
+            try:
+                parsed = parse_reference(ref)
+            except BadReference:
+                raise not_found_image(ref) from None
+            raise not_pullable(parsed.familiar_name) from None
 
     def _visible_tags(self, view: ImageView) -> list[str]:
         return view.curated_tags + [self.namer.unmask(t) for t in view.own_tags]
@@ -1459,11 +1488,7 @@ class StudentGateway:
         views = await self.image_views()
         found = next((v for v in views if ref.familiar in v.curated_tags), None)
         if found is None:
-            raise HttpError(
-                404,
-                f"pull access denied for {ref.familiar_name}, repository does not exist or may require "
-                "'docker login': in the Layercake sandbox only the course's curated images can be pulled",
-            )
+            raise not_pullable(ref.familiar_name)
         path = ref.path if "/" in ref.path else f"library/{ref.path}"
         # A registry's digest names the image's manifest, not its ID: an image built here has none to show.
         digests = [d.split("@", 1)[1] for d in found.entry.get("RepoDigests") or [] if "@" in d]
@@ -1559,7 +1584,7 @@ class StudentGateway:
         resolved: dict[str, str] = {}
         inherited = 0
         for position, image in [*plan.images.items(), *plan.copy_from.items()]:
-            view = self._find_image(views, image)
+            view = self._find_build_image(views, image)
             resolved[image] = self._engine_image_ref(view, image)
             if position in plan.images:
                 inherited = max(inherited, policy.labels_size(view.entry.get("Labels")))

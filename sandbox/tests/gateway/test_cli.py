@@ -187,3 +187,13 @@ def test_what_a_student_also_types_answers_as_docker_does(
     assert ok(ws.docker("docker start -a user-of-mine")) == ""
     assert image.split(":")[0] in ok(ws.docker("docker images"))
     ok(ws.docker("docker rm -f web other user-of-mine"))
+
+
+def test_a_dockerfile_from_an_image_not_in_the_course_says_it_cannot_be_pulled(
+    student: StudentSession, workstation_factory: Any
+) -> None:
+    ws = workstation_factory.for_session(student)
+    ok(ws.docker("printf 'FROM alpine\\nRUN true\\n' > Dockerfile"))
+    code, said = ws.docker("docker build -t mine . 2>&1")
+    assert code != 0 and "pull access denied for alpine" in said and "curated images" in said, said
+    assert "mine" not in ok(ws.docker("docker images"))

@@ -1,12 +1,13 @@
 """Third red-team pass: what one student could do to every other student's docker, or to what is not theirs."""
 
 import json
+import time
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from sandbox.gateway.policy import LABELS_MAX, SANDBOX_LABELS_MAX
+from sandbox.gateway.policy import LABELS_MAX, MAX_PENDING_EXECS, SANDBOX_LABELS_MAX
 
 from .conftest import StudentSession, dockerfile_context, owned_objects
 
@@ -116,3 +117,29 @@ def test_a_quiet_build_is_not_kept_by_the_engine(student: StudentSession, curate
     failed = student.call("POST", path, body=dockerfile_context(failing), headers=TAR)
     assert b"errorDetail" in failed.body, failed.body
     assert "limit=128" in _build_output(failed), failed.body
+
+
+def test_exec_instances_cannot_fill_the_engines_memory(student: StudentSession, curated_image: str) -> None:
+    # The engine keeps every exec instance, with its command and environment, in its own memory until it has
+    # finished (a never started one, until its container goes): sixty 900 KB commands made in under a second
+    # were over 100 MB of the engine's memory, which all students share.
+    student.run(curated_image, ["sleep", "600"], name="app")
+    for body in ({"Cmd": ["true", "x" * 900_000]}, {"Cmd": ["true"], "Env": ["X=" + "x" * 100_000]}):
+        refused = student.call("POST", "/v1.41/containers/app/exec", body)
+        assert refused.status == 403 and "KB" in refused.message, refused.body
+    assert not student.call("GET", "/v1.41/containers/app/json").json()["ExecIDs"]
+
+    made = [
+        student.call("POST", "/v1.41/containers/app/exec", {"Cmd": ["true"]}).json()["Id"]
+        for _ in range(MAX_PENDING_EXECS)
+    ]
+    refused = student.call("POST", "/v1.41/containers/app/exec", {"Cmd": ["true"]})
+    assert refused.status == 403 and "have not finished" in refused.message, refused.body
+    assert len(student.call("GET", "/v1.41/containers/app/json").json()["ExecIDs"]) == MAX_PENDING_EXECS
+    # One that has run makes room, and docker exec is as docker has it.
+    assert student.call("POST", f"/v1.41/exec/{made[0]}/start", {"Detach": True}).status == 200
+    deadline = time.monotonic() + 10
+    while student.call("GET", f"/v1.41/exec/{made[0]}/json").json()["Running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    again = student.call("POST", "/v1.41/containers/app/exec", {"Cmd": ["echo", "hello"], "AttachStdout": True})
+    assert again.status == 201, again.body

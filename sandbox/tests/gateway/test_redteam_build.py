@@ -80,7 +80,7 @@ TRICKS = {
     ),
     "COPY --from the stage's own name, an image's within it": (
         "FROM {curated} AS tools\nCOPY --from=tools /x /x\n",
-        "No such image: tools",
+        "pull access denied for tools",
     ),
     "ADD in JSON with escapes, and text after the array": (
         'FROM {curated}\nADD ["http:\\u002f\\u002f127.0.0.1:9/x", "/x"] x\n',
