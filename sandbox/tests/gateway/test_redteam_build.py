@@ -106,7 +106,8 @@ def test_dockerfile_read_as_the_engine_reads_it(
     dockerfile, said = TRICKS[trick]
     if trick == "image ID prefix that names its own stage":
         # A stage name must start with a letter: an ID prefix that does not is refused as a name.
-        said = "invalid name for build stage" if short[0].isdigit() else NOT_THERE
+        # Otherwise it is a name the engine would pull, as it would one that names no image at all.
+        said = "invalid name for build stage" if short[0].isdigit() else "pull access denied"
     answer = _build(
         student,
         _context(
