@@ -1212,7 +1212,7 @@ class StudentGateway:
         if filters:
             query["filters"] = json.dumps(filters)
         entries = await self.engine.json("GET", "/images/json", query=query) or []
-        views = []
+        views: list[ImageView] = []
         session = str(self.record.session_id)
         for entry in entries:
             labels = entry.get("Labels") or {}
@@ -1228,11 +1228,44 @@ class StudentGateway:
             )
             if own or own_tags or curated_tags:
                 views.append(ImageView(entry=entry, own=own, curated_tags=curated_tags, own_tags=own_tags))
+        if all_images and not filters:
+            views = self._with_layers(entries, views)
         return views
 
+    @staticmethod
+    def _with_layers(entries: list[dict[str, Any]], views: list[ImageView]) -> list[ImageView]:
+        """The images below those a student sees: the steps of their builds and of the curated images, which
+        docker images -a lists and docker run takes by ID. None is the student's to remove (each has a child,
+        so the engine refuses), and each holds only what an image they see was built on."""
+        parents = {str(e["Id"]): str(e.get("ParentId") or "") for e in entries}
+        seen = {view.id for view in views}
+        below: set[str] = set()
+        for view in views:
+            parent = parents.get(view.id, "")
+            while parent and parent not in below and parent in parents:
+                below.add(parent)
+                parent = parents[parent]
+        by_id = {view.id: view for view in views}
+        return [
+            by_id[image_id] if image_id in by_id else ImageView(entry=e, own=False, curated_tags=[], own_tags=[])
+            for e in entries
+            if (image_id := str(e["Id"])) in seen or image_id in below
+        ]
+
     async def resolve_image(self, ref: str) -> ImageView:
+        return (await self._resolve_image_among(ref))[1]
+
+    async def _resolve_image_among(self, ref: str) -> tuple[list[ImageView], ImageView]:
+        """The image a reference names, and the images it was looked for among."""
         views = await self.image_views()
-        return self._find_image(views, ref)
+        try:
+            return views, self._find_image(views, ref)
+        except HttpError:
+            if not HEX_RE.match(ref):
+                raise
+        # An ID may name a step below the images listed (one that docker history shows).
+        views = await self.image_views(all_images=True)
+        return views, self._find_image(views, ref)
 
     def _find_image(self, views: list[ImageView], ref: str) -> ImageView:
         parsed: Reference | None = None
@@ -1293,7 +1326,7 @@ class StudentGateway:
         for key in ("before", "since"):
             if key in wanted:
                 engine_filters[key] = [(await self.resolve_image(ref)).id for ref in wanted[key]]
-        views = await self.image_views(filters=engine_filters or None)
+        views = await self.image_views(all_images=request.flag("all"), filters=engine_filters or None)
         entries = [self._image_entry(view) for view in views]
         if references:
             # As docker does: an image is listed with only the names that match, or not at all.
@@ -1396,8 +1429,7 @@ class StudentGateway:
                 )
 
     async def image_tag(self, side: ServerSide, request: Request, ref: str) -> None:
-        views = await self.image_views()
-        source = self._find_image(views, ref)
+        views, source = await self._resolve_image_among(ref)
         target, engine_tag = self._student_target(request.arg("repo"), request.arg("tag"))
         await self._refuse_curated_name(target, views)
         self._refuse_more_images(views, tags=[engine_tag], new_image=False)
@@ -1410,8 +1442,7 @@ class StudentGateway:
             )
 
     async def image_remove(self, side: ServerSide, request: Request, ref: str) -> None:
-        views = await self.image_views()
-        view = self._find_image(views, ref)
+        view = await self.resolve_image(ref)
         by_name = None
         try:
             parsed = parse_reference(ref)

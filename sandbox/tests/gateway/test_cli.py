@@ -197,3 +197,26 @@ def test_a_dockerfile_from_an_image_not_in_the_course_says_it_cannot_be_pulled(
     code, said = ws.docker("docker build -t mine . 2>&1")
     assert code != 0 and "pull access denied for alpine" in said and "curated images" in said, said
     assert "mine" not in ok(ws.docker("docker images"))
+
+
+def test_the_steps_of_a_build_are_images_to_list_and_run(
+    student_factory: Any, workstation_factory: Any, curated_image: str
+) -> None:
+    alice: StudentSession = student_factory()
+    ws = workstation_factory.for_session(alice)
+    dockerfile = f"FROM {curated_image}\\nRUN echo one > /one\\nRUN echo two > /two\\n"
+    ok(ws.docker(f"printf '{dockerfile}' > Dockerfile && docker build -t steps . >/dev/null 2>&1"))
+    ids = ok(ws.docker("docker history -q steps")).split()
+    step = ids[1]
+    assert len(step) == 12 and step != "<missing>", ids
+    assert step not in ok(ws.docker("docker images -q")).split()
+    assert step in ok(ws.docker("docker images -a -q")).split()
+    ran = ok(ws.docker(f"docker run --rm {step} sh -c 'cat /one; test -e /two || echo no two'"))
+    assert ran == "one\nno two\n"
+    code, said = ws.docker(f"docker rmi {step}")
+    assert code != 0 and "image has dependent child images" in said, said
+    assert "steps" in ok(ws.docker("docker images"))
+
+    bob: StudentSession = student_factory()
+    assert bob.call("GET", f"/images/{step}/json").status == 404
+    assert step not in {i["Id"][7:19] for i in bob.call("GET", "/images/json?all=1").json()}
