@@ -53,6 +53,15 @@ BUILD_CONTEXT_SECONDS = 120.0
 MAX_IMAGE_TAGS = 100
 MAX_IMAGES = 100
 MAX_VOLUMES = 50
+# The engine reads and decodes every image's configuration, its history included and intermediate images' too,
+# for every student's docker images and nearly every other command: an image may weigh this much, counted as
+# the length of its history (each step left an image) times the size of its configuration and history, and a
+# sandbox's images this much in all.
+IMAGE_WEIGHT_MAX = 4 * MB
+SANDBOX_WEIGHT_MAX = 16 * MB
+# An image's history length and size, by ID: what an ID names never changes.
+IMAGE_SHAPES: dict[str, tuple[int, int]] = {}
+IMAGE_SHAPES_MAX = 4096
 PASS_HEADERS = ("content-type", "api-version", "docker-experimental", "ostype", "server")
 
 _ADJECTIVES_WORDS = (
@@ -1428,6 +1437,45 @@ class StudentGateway:
                     "all; remove some with docker image rm or docker image prune"
                 )
 
+    async def _image_shape(self, image_id: str) -> tuple[int, int]:
+        """The length of an image's history, and the bytes of its configuration and history."""
+        shape = IMAGE_SHAPES.get(image_id)
+        if shape is None:
+            detail, history = await asyncio.gather(
+                self.engine.call("GET", f"/images/{q(image_id)}/json"),
+                self.engine.call("GET", f"/images/{q(image_id)}/history"),
+            )
+            if detail.status != 200 or history.status != 200:
+                return (0, 0)
+            shape = (len(history.json() or []), len(detail.body) + len(history.body))
+            if len(IMAGE_SHAPES) >= IMAGE_SHAPES_MAX:
+                IMAGE_SHAPES.clear()
+            IMAGE_SHAPES[image_id] = shape
+        return shape
+
+    async def _refuse_heavy_image(
+        self, views: list[ImageView], *, bases: list[str], steps: int, added: int
+    ) -> None:
+        """Refuse a new image of `steps` steps on the images `bases`, each adding at most `added` bytes to the
+        configuration, should it weigh too much, or the sandbox's images with it."""
+        shapes = await asyncio.gather(*(self._image_shape(base) for base in bases))
+        rows = max((r for r, _ in shapes), default=0)
+        size = max((b for _, b in shapes), default=0)
+        weight = (rows + steps) * (size + added)
+        if weight > IMAGE_WEIGHT_MAX:
+            raise policy.Refused(
+                f"an image in the sandbox may weigh at most {IMAGE_WEIGHT_MAX // MB} MB, counted as its steps "
+                f"times the size of its configuration (this one would weigh {weight // MB} MB): write a shorter "
+                "Dockerfile, or smaller ENV and LABEL values"
+            )
+        held = sum(r * b for r, b in await asyncio.gather(*(self._image_shape(v.id) for v in views if v.own)))
+        if held + weight > SANDBOX_WEIGHT_MAX:
+            raise policy.Refused(
+                f"your sandbox's images may weigh at most {SANDBOX_WEIGHT_MAX // MB} MB in all, counted as their "
+                "steps times the size of their configuration; remove some with docker image rm or docker image "
+                "prune"
+            )
+
     async def image_tag(self, side: ServerSide, request: Request, ref: str) -> None:
         views, source = await self._resolve_image_among(ref)
         target, engine_tag = self._student_target(request.arg("repo"), request.arg("tag"))
@@ -1551,6 +1599,12 @@ class StudentGateway:
             query += [("repo", repo), ("tag", tag)]
             engine_tags.append(engine_tag)
         self._refuse_more_images(views, tags=engine_tags, new_image=True, labels=labels)
+        # The image's configuration is the container's, twice (as run, and as it was made), and its history is
+        # the container's image's with one more step.
+        detail = await self.engine.json("GET", f"/containers/{container['Id']}/json")
+        added = 2 * len(json.dumps(detail.get("Config"))) + sum(len(change) for change in changes)
+        added += len(request.arg("comment")) + len(request.arg("author"))
+        await self._refuse_heavy_image(views, bases=[str(detail.get("Image", ""))], steps=1, added=added)
         for key in ("comment", "author"):
             if request.arg(key):
                 query.append((key, request.arg(key)))
@@ -1621,6 +1675,15 @@ class StudentGateway:
                 inherited = max(inherited, policy.labels_size(view.entry.get("Labels")))
         self._refuse_more_images(
             views, tags=tags, new_image=True, labels=inherited + plan.label_bytes + policy.labels_size(labels)
+        )
+        # Each step's image holds what the Dockerfile says up to it in its configuration (as run and as made) and
+        # history; a RUN step's history names the build arguments too.
+        runs = sum(1 for instruction in plan.dockerfile.instructions if instruction.word == "RUN")
+        added = 3 * len(context.dockerfile_text.encode()) + runs * len(request.arg("buildargs"))
+        added += len(json.dumps(labels))
+        bases = [self._find_image(views, image).id for image in plan.images.values()]
+        await self._refuse_heavy_image(
+            views, bases=bases, steps=len(plan.dockerfile.instructions) + len(labels), added=added
         )
         text = policy.dockerfile_rewrite(plan, lambda image: resolved[image])
         body = await asyncio.to_thread(

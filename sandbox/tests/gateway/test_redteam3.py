@@ -143,3 +143,38 @@ def test_exec_instances_cannot_fill_the_engines_memory(student: StudentSession, 
         time.sleep(0.1)
     again = student.call("POST", "/v1.41/containers/app/exec", {"Cmd": ["echo", "hello"], "AttachStdout": True})
     assert again.status == 201, again.body
+
+
+def test_images_cannot_weigh_down_every_students_image_list(
+    student: StudentSession, curated_image: str, engine: Any
+) -> None:
+    # The engine decodes every image's configuration and history, intermediate images' too, for every
+    # student's docker images: each step of a build leaves an image holding all that came before it, so three
+    # builds of 48 steps of 5 KB made each such call a second slower for everyone.
+    heavy = "".join(f"ENV V{index}={'x' * 25_000}\n" for index in range(10))
+    refused = student.build(f"FROM {curated_image}\n{heavy}", tag="heavy")
+    assert refused.status == 403 and "weigh" in refused.message, refused.body
+    padded = f"FROM {curated_image}\n" + "".join(f"RUN true # {'x' * 2_000}\n" for _ in range(60))
+    refused = student.build(padded, tag="padded")
+    assert refused.status == 403 and "weigh" in refused.message, refused.body
+    assert owned_objects(engine, student)["images"] == []
+
+    # Commits count too, and so does what the sandbox holds already.
+    env = [f"V{index}={'x' * 1000}" for index in range(200)]
+    created = student.call(
+        "POST", "/v1.41/containers/create?name=src", {"Image": curated_image, "Env": env, "Cmd": ["true"]}
+    )
+    assert created.status == 201, created.body
+    made = []
+    for index in range(20):
+        committed = student.call("POST", f"/v1.41/commit?container=src&repo=copy{index}")
+        if committed.status != 201:
+            break
+        made.append(index)
+    assert committed.status == 403 and "in all" in committed.message, committed.body
+    assert 3 <= len(made) < 20
+    assert student.call("DELETE", "/v1.41/images/copy0").status == 200
+    assert student.call("POST", "/v1.41/commit?container=src&repo=again").status == 201
+    # What lessons build is far from it.
+    built = student.build(f"FROM {curated_image}\nENV APP=1\nRUN echo hi > /hi\nCMD cat /hi\n", tag="app")
+    assert built.status == 200 and b"Successfully" in built.body, built.body
