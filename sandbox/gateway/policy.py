@@ -73,6 +73,27 @@ def not_available(what: str) -> Refused:
     return Refused(f"{what} is not available in the Layercake sandbox")
 
 
+# Resource options the sandbox sets itself, by the docker run flag a student would have typed.
+RESOURCE_FLAGS = {
+    "BlkioWeight": "--blkio-weight",
+    "BlkioWeightDevice": "--blkio-weight-device",
+    "BlkioDeviceReadBps": "--device-read-bps",
+    "BlkioDeviceWriteBps": "--device-write-bps",
+    "BlkioDeviceReadIOps": "--device-read-iops",
+    "BlkioDeviceWriteIOps": "--device-write-iops",
+    "CpuPeriod": "--cpu-period",
+    "CpuQuota": "--cpu-quota",
+    "CpuRealtimePeriod": "--cpu-rt-period",
+    "CpuRealtimeRuntime": "--cpu-rt-runtime",
+    "CpusetCpus": "--cpuset-cpus",
+    "CpusetMems": "--cpuset-mems",
+    "CpuCount": "--cpu-count",
+    "CpuPercent": "--cpu-percent",
+    "IOMaximumIOps": "--io-maxiops",
+    "IOMaximumBandwidth": "--io-maxbandwidth",
+}
+
+
 def is_zero(value: Any) -> bool:
     return value is None or value is False or value == 0 or value == "" or value == [] or value == {}
 
@@ -344,25 +365,8 @@ def _host_config(host: Fields, plan: CreatePlan, *, limits: Limits, network: str
     host.deny("OomKillDisable", "--oom-kill-disable")
     host.deny("KernelMemory", "--kernel-memory")
     host.deny("KernelMemoryTCP", "--kernel-memory-tcp")
-    for name in (
-        "BlkioWeight",
-        "BlkioWeightDevice",
-        "BlkioDeviceReadBps",
-        "BlkioDeviceWriteBps",
-        "BlkioDeviceReadIOps",
-        "BlkioDeviceWriteIOps",
-        "CpuPeriod",
-        "CpuQuota",
-        "CpuRealtimePeriod",
-        "CpuRealtimeRuntime",
-        "CpusetCpus",
-        "CpusetMems",
-        "CpuCount",
-        "CpuPercent",
-        "IOMaximumIOps",
-        "IOMaximumBandwidth",
-    ):
-        host.deny(name, f"the resource option {name}")
+    for name, flag in RESOURCE_FLAGS.items():
+        host.deny(name, flag)
     for name in ("MaskedPaths", "ReadonlyPaths"):
         if host.take(name) is not None:
             raise not_available("changing masked or read-only system paths (--security-opt systempaths)")

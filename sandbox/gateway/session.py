@@ -208,11 +208,11 @@ class ImageView:
 
 DENIED = [
     ("/swarm", "Swarm mode"),
-    ("/nodes", "Swarm mode"),
-    ("/services", "Swarm services"),
-    ("/tasks", "Swarm tasks"),
-    ("/secrets", "Swarm secrets"),
-    ("/configs", "Swarm configs"),
+    ("/nodes", "docker node (Swarm mode)"),
+    ("/services", "docker service (Swarm mode)"),
+    ("/tasks", "docker service ps (Swarm mode)"),
+    ("/secrets", "docker secret (Swarm mode)"),
+    ("/configs", "docker config (Swarm mode)"),
     ("/plugins", "docker plugin"),
     ("/auth", "docker login"),
     ("/session", "BuildKit"),

@@ -48,6 +48,7 @@ def test_versioned_and_unversioned_paths(student: StudentSession) -> None:
     ("method", "path", "feature"),
     [
         ("GET", "/v1.41/swarm", "Swarm"),
+        ("GET", "/v1.41/services", "docker service (Swarm mode)"),
         ("GET", "/v1.41/plugins", "plugin"),
         ("POST", "/v1.41/auth", "docker login"),
         ("GET", "/v1.41/containers/abc/archive?path=/", "docker cp"),

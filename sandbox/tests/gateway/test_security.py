@@ -74,6 +74,8 @@ ESCAPES = [
     ({"HostConfig": {"Memory": 64 * 1024**3}}, "at most"),
     ({"HostConfig": {"NanoCpus": 64 * 10**9}}, "at most"),
     ({"HostConfig": {"OomKillDisable": True}}, "--oom-kill-disable"),
+    ({"HostConfig": {"CpusetCpus": "0"}}, "--cpuset-cpus"),
+    ({"HostConfig": {"BlkioWeight": 500}}, "--blkio-weight"),
     ({"HostConfig": {"RestartPolicy": {"Name": "always"}}}, "--restart always"),
     ({"HostConfig": {"ExtraHosts": ["x:127.0.0.1"]}}, "--add-host"),
     ({"HostConfig": {"Dns": ["127.0.0.1"]}}, "--dns"),
