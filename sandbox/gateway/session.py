@@ -8,6 +8,7 @@ container is the student's only if it also carries the role "student".
 """
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import logging
@@ -713,16 +714,26 @@ class StudentGateway:
                 filters.setdefault(key, []).extend(wanted[key])
         if "container" in wanted:
             filters["container"] = [(await self.resolve_container(ref))["Id"] for ref in wanted["container"]]
-        if "image" in wanted:
-            filters["image"] = [(await self.resolve_image(ref)).id for ref in wanted["image"]]
+        # The engine knows a student's images by other names than theirs: matched here, as the engine matches.
+        images = set(wanted.get("image", []))
+        image_ids = set()
+        for ref in images:
+            with contextlib.suppress(HttpError):
+                image_ids.add((await self.resolve_image(ref)).id)
         query = {"filters": json.dumps(filters)}
         for key in ("since", "until"):
             if request.arg(key):
                 query[key] = request.arg(key)
         stream = await self.engine.open("GET", "/events", query=query)
-        await self._stream_engine(side, stream, rewrite=LineRewriter(self._event_line).feed)
 
-    def _event_line(self, line: bytes) -> bytes | None:
+        def rewrite(line: bytes) -> bytes | None:
+            return self._event_line(line, images=images, image_ids=image_ids)
+
+        await self._stream_engine(side, stream, rewrite=LineRewriter(rewrite).feed)
+
+    def _event_line(
+        self, line: bytes, *, images: set[str] | None = None, image_ids: set[str] | None = None
+    ) -> bytes | None:
         try:
             event = json.loads(line)
         except ValueError:
@@ -736,6 +747,13 @@ class StudentGateway:
             attributes["image"] = attributes[IMAGE_LABEL]
             if "from" in event:
                 event["from"] = attributes[IMAGE_LABEL]
+        if images:
+            # docker events --filter image=: an image event's ID or name, a container event's image, each
+            # also without its tag.
+            name = self.namer.unmask(str(attributes.get("name" if event.get("Type") == "image" else "image", "")))
+            untagged = name.rpartition(":")[0] if ":" in name.rpartition("/")[2] else name
+            if str(event.get("id", "")) not in (image_ids or set()) and not {name, untagged} & images:
+                return None
         event["Actor"]["Attributes"] = strip_labels(attributes)
         return self.namer.unmask(json.dumps(event)).encode() + b"\n"
 

@@ -220,3 +220,26 @@ def test_the_steps_of_a_build_are_images_to_list_and_run(
     bob: StudentSession = student_factory()
     assert bob.call("GET", f"/images/{step}/json").status == 404
     assert step not in {i["Id"][7:19] for i in bob.call("GET", "/images/json?all=1").json()}
+
+
+def test_events_filtered_by_image_as_the_student_names_it(
+    student: StudentSession, workstation_factory: Any, curated_image: str
+) -> None:
+    ws = workstation_factory.for_session(student)
+    since = ok(ws.docker("date +%s")).strip()
+    ok(ws.docker(f"docker run --name from-curated {curated_image} true"))
+    ok(ws.docker("docker commit from-curated mine && docker run --name from-mine mine true"))
+    ok(ws.docker("docker tag mine mine:v2"))
+    until = int(ok(ws.docker("date +%s")).strip()) + 1
+    fields = "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}"
+
+    def events(image: str) -> str:
+        command = f"docker events --since {since} --until {until} --filter image={image} --format '{fields}'"
+        return ok(ws.docker(command))
+
+    curated = events(curated_image)
+    assert "container start from-curated" in curated and "from-mine" not in curated, curated
+    mine = events("mine")
+    assert "container start from-mine" in mine and "from-curated" not in mine, mine
+    assert "image tag mine:v2" in mine, mine
+    assert events("nosuch") == ""
