@@ -1013,7 +1013,12 @@ class StudentGateway:
         await self._container_passthrough(side, request, ref, "/wait", ("condition",), method="POST")
 
     async def container_action(self, side: ServerSide, request: Request, ref: str, action: str) -> None:
-        container = await self.resolve_container(ref)
+        try:
+            container = await self.resolve_container(ref)
+        except HttpError as error:
+            if action == "kill" and error.status == 404:
+                raise HttpError(404, f"Cannot kill container: {ref}: {error.message}") from None
+            raise
         keep = {"stop": ("t",), "restart": ("t",), "kill": ("signal",), "start": ("detachKeys",)}.get(action, ())
         query = [(k, v) for k, v in request.query if k in keep]
         path = f"/containers/{container['Id']}/{action}"
@@ -1040,6 +1045,7 @@ class StudentGateway:
             response = await self.engine.call("POST", path, query=query)
         if response.status == 404:
             raise not_found_container(ref)
+        named_as_typed(response, container["Id"], ref)
         await self._respond_engine(side, response)
 
     async def _undo_start(self, container_id: str) -> None:
@@ -1198,6 +1204,7 @@ class StudentGateway:
                 "that have not finished; wait for some, or start those you made"
             )
         response = await self.engine.call("POST", f"/containers/{container['Id']}/exec", payload=body)
+        named_as_typed(response, container["Id"], ref)
         await self._respond_engine(side, response)
 
     async def resolve_exec(self, ref: str) -> dict[str, Any]:
@@ -1859,6 +1866,18 @@ class StudentGateway:
         ):
             raise not_found_network(ref)
         await side.respond(200, self.namer.unmask(json.dumps(self._network_view(network))).encode() + b"\n")
+
+
+def named_as_typed(response: Response, container_id: str, ref: str) -> None:
+    """The engine names a container in its refusals as it was asked for it; it was asked by ID."""
+    if response.status >= 400 and response.body:
+        message = response.message
+        for before, after in (
+            (f"container: {container_id}:", f"container: {ref}:"),
+            (f"Container {container_id} is paused", f"Container {ref} is paused"),
+        ):
+            message = message.replace(before, after, 1)
+        response.body = json.dumps({"message": message}).encode()
 
 
 class LineRewriter:

@@ -243,3 +243,27 @@ def test_events_filtered_by_image_as_the_student_names_it(
     assert "container start from-mine" in mine and "from-curated" not in mine, mine
     assert "image tag mine:v2" in mine, mine
     assert events("nosuch") == ""
+
+
+def test_refusals_name_the_container_as_the_student_typed_it(
+    student: StudentSession, workstation_factory: Any, curated_image: str
+) -> None:
+    ws = workstation_factory.for_session(student)
+    base = workstation_factory.baseline()
+    for workstation in (ws, base):
+        code, said = workstation.docker("docker kill nosuch-box 2>&1")
+        assert (code, said) == (
+            1,
+            "Error response from daemon: Cannot kill container: nosuch-box: No such container: nosuch-box\n",
+        )
+    ok(ws.docker(f"docker create --name idle {curated_image} sleep 60"))
+    said = ws.docker("docker kill idle 2>&1")[1]
+    assert said.startswith(
+        "Error response from daemon: Cannot kill container: idle: Container "
+    ) and said.endswith(" is not running\n"), said
+    ok(ws.docker("docker start idle && docker pause idle"))
+    said = ws.docker("docker exec idle true 2>&1")[1]
+    assert said == "Error response from daemon: Container idle is paused, unpause the container before exec\n", (
+        said
+    )
+    ok(ws.docker("docker rm -f idle"))
