@@ -38,6 +38,7 @@ from .session import (
     PORTS_LABEL,
     ROLE,
     SESSION,
+    DiskUsage,
     StudentGateway,
 )
 
@@ -119,6 +120,7 @@ class Gateway:
         self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis)
         self.sessions: dict[int, SessionServer] = {}
         self.builds = asyncio.Semaphore(MAX_GATEWAY_BUILDS)
+        self.disk_usage = DiskUsage()
         # Each student connection may hold one to the engine as well; what is left serves the sockets,
         # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no
         # student can starve the others of the gateway's open files.
@@ -243,6 +245,7 @@ class Gateway:
                 events=self.events,
                 ports=self.ports,
                 builds=self.builds,
+                disk_usage=self.disk_usage,
             )
             holder: SessionServer | None = None
 

@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -219,7 +220,6 @@ DENIED = [
     ("/session", "BuildKit"),
     ("/grpc", "BuildKit"),
     ("/build/prune", "docker builder prune"),
-    ("/system/df", "docker system df"),
     ("/images/load", "docker load"),
     ("/images/get", "docker save"),
     ("/images/search", "docker search"),
@@ -244,6 +244,7 @@ class StudentGateway:
         events: EventPublisher,
         ports: "PortForwards | None" = None,
         builds: asyncio.Semaphore | None = None,
+        disk_usage: "DiskUsage | None" = None,
     ) -> None:
         self.record = record
         self.config = config
@@ -269,6 +270,7 @@ class StudentGateway:
         self.builds = asyncio.Semaphore(MAX_CONCURRENT_BUILDS)
         # Each build holds its context (and a rewritten copy) in memory: the gateway as a whole runs a few.
         self.gateway_builds = builds or asyncio.Semaphore(MAX_GATEWAY_BUILDS)
+        self.disk_usage = disk_usage or DiskUsage()
 
     # Routing.
 
@@ -280,6 +282,7 @@ class StudentGateway:
             ("HEAD", r"/_ping", self.ping),
             ("GET", r"/version", self.version),
             ("GET", r"/info", self.info),
+            ("GET", r"/system/df", self.system_df),
             ("GET", r"/events", self.events_stream),
             ("GET", r"/containers/json", self.container_list),
             ("POST", r"/containers/create", self.container_create),
@@ -632,6 +635,61 @@ class StudentGateway:
         """The sandbox has no plugins: `docker inspect NAME` asks for one last, and must hear "not found" to
         say "No such object", as it does on an engine without plugins."""
         raise HttpError(404, f"plugin {json.dumps(ref)} not found")
+
+    async def system_df(self, side: ServerSide, request: Request) -> None:
+        """docker system df of what the student sees: the images docker images lists for them, with the layers
+        they share counted once, and their own containers and volumes. (The engine's answer is the whole
+        engine's, and costs it a walk through every container's files.)"""
+        top, entries, containers, volumes, volume_sizes = await asyncio.gather(
+            self.image_views(),
+            self.engine.json("GET", "/images/json", query={"all": "1"}),
+            self.engine.json(
+                "GET", "/containers/json", query={"all": "1", "size": "1", "filters": self._containers_filter()}
+            ),
+            self.engine.json("GET", "/volumes", query={"filters": self._own_filter()}),
+            self.disk_usage.volume_sizes(self.engine),
+        )
+        sizes = {str(e["Id"]): int(e.get("Size") or 0) for e in entries or []}
+        parents = {str(e["Id"]): str(e.get("ParentId") or "") for e in entries or []}
+
+        def layer(image_id: str) -> int:
+            """The size of the layer an image adds to its parent's."""
+            parent = parents.get(image_id, "")
+            return max(sizes[image_id] - sizes[parent], 0) if parent in sizes else sizes[image_id]
+
+        stacks: dict[str, set[str]] = {}
+        for view in top:
+            stack, node = set(), view.id
+            while node in sizes and node not in stack:
+                stack.add(node)
+                node = parents.get(node, "")
+            stacks[view.id] = stack
+        used = Counter(node for stack in stacks.values() for node in stack)
+        in_use = Counter(str(c.get("ImageID", "")) for c in containers or [])
+        images = []
+        for view in top:
+            entry = self._image_entry(view)
+            entry["SharedSize"] = sum(layer(node) for node in stacks[view.id] if used[node] > 1)
+            entry["Containers"] = in_use[view.id]
+            images.append(entry)
+        mounted = Counter(
+            m.get("Name") for c in containers or [] for m in c.get("Mounts") or [] if m.get("Type") == "volume"
+        )
+        usage = {
+            "LayersSize": sum(layer(node) for node in used),
+            "Images": images,
+            "Containers": [self._container_view(c) for c in containers or []],
+            "Volumes": [
+                {
+                    **self._volume_view(v),
+                    "UsageData": {"Size": volume_sizes.get(v["Name"], 0), "RefCount": mounted[v["Name"]]},
+                }
+                for v in (volumes or {}).get("Volumes") or []
+            ],
+            "BuildCache": [],
+            "BuilderSize": 0,
+        }
+        await side.respond(200, self.namer.unmask(json.dumps(usage)).encode() + b"\n")
 
     async def info(self, side: ServerSide, request: Request) -> None:
         info = await self.engine.json("GET", "/info")
@@ -1253,8 +1311,15 @@ class StudentGateway:
             tags = [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
             own_tags = [t for t in tags if self.namer.owns_repo_tag(t)]
             # Only the name the catalog gave the image: an image built on the engine from a curated one
-            # inherits its label, and whoever built it there did not mean it for every student.
-            curated_tags = [t for t in tags if t == labels.get(CATALOG) and not is_student_repo_tag(t)]
+            # inherits its label, and whoever built it there did not mean it for every student. A catalog's
+            # images serve every site on the engine, unless made for one site alone.
+            curated_tags = [
+                t
+                for t in tags
+                if t == labels.get(CATALOG)
+                and not is_student_repo_tag(t)
+                and labels.get(NAMESPACE, self.config.namespace) == self.config.namespace
+            ]
             own = (
                 labels.get(SESSION) == session
                 and labels.get(NAMESPACE) == self.config.namespace
@@ -1878,6 +1943,31 @@ def named_as_typed(response: Response, container_id: str, ref: str) -> None:
         ):
             message = message.replace(before, after, 1)
         response.body = json.dumps({"message": message}).encode()
+
+
+class DiskUsage:
+    """The sizes of volumes, known only by walking them: from the engine's own docker system df, which walks
+    every container's and volume's files and refuses a second while one runs, so it is asked for at most
+    every FRESH_SECONDS for the whole gateway, and a volume made since counts as empty."""
+
+    FRESH_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.asked_at = -self.FRESH_SECONDS
+        self.sizes: dict[str, int] = {}
+
+    async def volume_sizes(self, engine: Engine) -> dict[str, int]:
+        async with self.lock:
+            if time.monotonic() - self.asked_at >= self.FRESH_SECONDS:
+                self.asked_at = time.monotonic()
+                response = await engine.call("GET", "/system/df")
+                if response.status == 200:
+                    volumes = (response.json() or {}).get("Volumes") or []
+                    self.sizes = {str(v["Name"]): int((v.get("UsageData") or {}).get("Size", -1)) for v in volumes}
+                else:
+                    log.warning("the engine's disk usage is not known: %s", response.message)
+            return self.sizes
 
 
 class LineRewriter:

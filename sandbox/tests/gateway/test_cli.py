@@ -1,6 +1,7 @@
 """The curriculum's commands, typed into the workstation's docker CLI as a student types them, through the
 gateway; where the output has a shape, it is compared with the same CLI straight against the engine."""
 
+import json
 import re
 import secrets
 from typing import Any
@@ -267,3 +268,31 @@ def test_refusals_name_the_container_as_the_student_typed_it(
         said
     )
     ok(ws.docker("docker rm -f idle"))
+
+
+def test_system_df_counts_shared_layers_once(
+    student: StudentSession, workstation_factory: Any, curated_image: str
+) -> None:
+    ws = workstation_factory.for_session(student)
+    base = workstation_factory.baseline()
+    ok(ws.docker(f"printf 'FROM {curated_image}\\nRUN echo added > /added\\n' > Dockerfile"))
+    ok(ws.docker("docker build -t mysite . >/dev/null 2>&1 && docker run --name user mysite true"))
+    ok(ws.docker("docker volume create notes"))
+    summary = ok(ws.docker("docker system df"))
+    assert header(summary) == header(ok(base.docker("docker system df"))) == "TYPE TOTAL ACTIVE SIZE RECLAIMABLE"
+    rows = {line.split()[0]: line.split()[1:3] for line in summary.splitlines()[1:]}
+    images = ok(ws.docker("docker images -q")).split()
+    assert rows["Images"] == [str(len(images)), "1"] and rows["Containers"] == ["1", "0"], summary
+    assert rows["Local"] == ["Volumes", "1"], summary
+    detail = ok(ws.docker("docker system df -v --format '{{json .Images}}'"))
+    by_name = {f"{i['Repository']}:{i['Tag']}": i for i in json.loads(detail)}
+    mine, curated = by_name["mysite:latest"], by_name[curated_image]
+    # mysite is the curated image's layers and one small layer of its own: only that one is its alone.
+    assert mine["SharedSize"] == curated["SharedSize"] and curated["UniqueSize"] == "0B", (mine, curated)
+    assert mine["UniqueSize"] == "6B" and mine["Containers"] == "1", mine  # "added\n"
+    total = ok(ws.docker("docker system df --format '{{.Type}} {{.Size}}'")).splitlines()[0]
+    sizes = ok(ws.docker("docker system df -v --format '{{range .Images}}{{.Size}} {{end}}'"))
+    assert total.startswith("Images ") and len(sizes.split()) == len(images), (total, sizes)
+    assert "-s" not in detail and "layercake" not in detail.replace("layercake/", ""), detail
+    volumes = json.loads(ok(ws.docker("docker system df -v --format '{{json .Volumes}}'")))
+    assert [(v["Name"], v["Size"]) for v in volumes] == [("notes", "0B")], volumes

@@ -57,7 +57,6 @@ def test_versioned_and_unversioned_paths(student: StudentSession) -> None:
         ("POST", "/v1.41/networks/create", "docker network create"),
         ("POST", "/v1.41/networks/prune", "prune"),
         ("POST", "/v1.41/session", "BuildKit"),
-        ("GET", "/v1.41/system/df", "system df"),
         ("POST", "/v1.41/images/load", "docker load"),
         ("GET", "/v1.41/nonsense", "not available"),
     ],

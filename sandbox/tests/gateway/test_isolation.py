@@ -126,3 +126,18 @@ def test_an_image_built_on_the_engine_from_a_curated_one_is_not_curated(
         assert b"Successfully built" not in built.body, built.body
     finally:
         engine.remove_image(private, force=True)
+
+
+def test_a_catalog_image_made_for_another_site_is_not_curated_here(
+    student: StudentSession, engine: docker.APIClient
+) -> None:
+    name = f"{settings.SANDBOX_NAMESPACE}-elsewhere:latest"
+    labels = {"layercake.managed": "1", "layercake.catalog": name, "layercake.namespace": "another-site"}
+    context = dockerfile_context("FROM scratch\nLABEL made=elsewhere\n")
+    list(engine.build(fileobj=io.BytesIO(context), custom_context=True, tag=name, labels=labels, rm=True))
+    try:
+        tags = {t for i in student.call("GET", "/images/json").json() for t in i["RepoTags"]}
+        assert name not in tags
+        assert student.call("GET", f"/images/{name}/json").status == 404
+    finally:
+        engine.remove_image(name, force=True)
