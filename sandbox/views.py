@@ -6,7 +6,7 @@ from lessons.models import Lesson
 
 from . import services
 from .models import EndReason
-from .owners import owner_key_for_request
+from .owners import owner_key_for_request, owner_key_new, owner_key_remember
 from .selectors import sandbox_owned
 
 
@@ -24,7 +24,7 @@ def _respond(request: HttpRequest, lesson: Lesson | None, **context: object) -> 
 @require_POST
 def start(request: HttpRequest) -> HttpResponse:
     lesson = get_object_or_404(Lesson, slug=request.POST.get("lesson", ""))
-    owner_key = owner_key_for_request(request)
+    owner_key = owner_key_for_request(request) or owner_key_new()
     try:
         sandbox = services.sandbox_start(
             owner_key=owner_key,
@@ -41,6 +41,7 @@ def start(request: HttpRequest) -> HttpResponse:
         response.status_code = 503
         response["Retry-After"] = "30"
         return response
+    owner_key_remember(request, owner_key)
     return _respond(request, lesson, sandbox=sandbox)
 
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -10,7 +11,8 @@ from pathlib import Path
 import docker
 import pytest
 from django.conf import settings
-from django.test import Client
+from django.contrib.sessions.models import Session
+from django.test import Client, override_settings
 from django.utils import timezone
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -66,6 +68,14 @@ def lesson() -> Lesson:
     return Lesson.objects.create(slug="live", title="Live", body="text", image="layercake/shell:latest")
 
 
+def _owner_of(browser: Client) -> str:
+    """What starting a sandbox leaves in a browser's session: the key of the owner it now is."""
+    session = browser.session
+    session[SESSION_KEY] = f"anon-{secrets.token_urlsafe(18)}"
+    session.save()
+    return str(session[SESSION_KEY])
+
+
 def _engine_resizes(session_id: int, since: float) -> int:
     engine = docker.APIClient(base_url=settings.SANDBOX_DOCKER_URL, timeout=30)
     filters = {"event": "resize", "label": [f"layercake.session={session_id}"]}
@@ -104,10 +114,9 @@ def test_a_flood_of_resizes_reaches_the_engine_coalesced(live_asgi: str, lesson:
 @pytest.mark.redis
 def test_the_terminal_answers_only_pages_of_the_site_itself(live_asgi: str, lesson: Lesson) -> None:
     browser = Client()
-    browser.get(lesson.get_absolute_url())
     now = timezone.now()
     sandbox = Sandbox.objects.create(
-        owner_key=browser.session[SESSION_KEY], lesson=lesson, image="x", last_activity_at=now, expires_at=now
+        owner_key=_owner_of(browser), lesson=lesson, image="x", last_activity_at=now, expires_at=now
     )
     url = f"ws://{live_asgi}{sandbox.terminal_path}"
     cookie = {"Cookie": f"sessionid={browser.cookies['sessionid'].value}"}
@@ -146,10 +155,43 @@ def test_starting_and_stopping_take_the_sites_own_csrf_token(lesson: Lesson) -> 
     assert forged.status_code == 403
     now = timezone.now()
     sandbox = Sandbox.objects.create(
-        owner_key=browser.session[SESSION_KEY], lesson=lesson, image="x", last_activity_at=now, expires_at=now
+        owner_key=_owner_of(browser), lesson=lesson, image="x", last_activity_at=now, expires_at=now
     )
     from_elsewhere = browser.post(
         f"/sandbox/{sandbox.pk}/stop/", {"csrfmiddlewaretoken": token}, HTTP_ORIGIN="null", secure=True
     )
     assert from_elsewhere.status_code == 403
     assert Sandbox.objects.get(pk=sandbox.pk).state == "queued"
+
+
+@pytest.mark.django_db
+@override_settings(SANDBOX_PER_NETWORK=1)
+def test_a_visitor_who_starts_nothing_leaves_no_session_behind(
+    lesson: Lesson, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    # Sessions are rows that live for weeks: one per cookieless request would let any crawler or script grow
+    # the database, and take its write lock, as fast as it can send requests.
+    now = timezone.now()
+    theirs = Sandbox.objects.create(
+        owner_key=f"anon-{secrets.token_urlsafe(18)}",
+        lesson=lesson,
+        image="x",
+        last_activity_at=now,
+        expires_at=now,
+    )
+    for url in (
+        lesson.get_absolute_url(),
+        f"/sandbox/{theirs.pk}/",
+        f"/sandbox/{theirs.pk}/ports/",
+        f"/sandbox/{theirs.pk}/port/8080/",
+    ):
+        response = Client().get(url)
+        assert response.status_code in (200, 404), url
+        assert settings.SESSION_COOKIE_NAME not in response.cookies, url
+    assert Session.objects.count() == 0
+    with django_capture_on_commit_callbacks(execute=False):
+        assert Client().post("/sandbox/start/", {"lesson": lesson.slug}, HTTP_HX_REQUEST="true").status_code == 200
+        assert Session.objects.count() == 1
+        refused = Client().post("/sandbox/start/", {"lesson": lesson.slug}, HTTP_HX_REQUEST="true")
+    assert refused.status_code == 429
+    assert settings.SESSION_COOKIE_NAME not in refused.cookies and Session.objects.count() == 1
