@@ -1,7 +1,7 @@
 """The sandbox policy: what a student's docker may ask of the shared engine, and how it is rewritten.
 
-Default deny. Only the endpoints in `routes.py` exist; every other path answers 403 with a message saying
-that the feature is not available in the sandbox. For the endpoints that exist:
+Default deny. Only the endpoints in `StudentGateway._routes` (session.py) exist; every other path answers 403
+with a message saying that the feature is not available in the sandbox. For the endpoints that exist:
 
 * Bodies are decoded strictly (`http.strict_json`: no repeated keys, also none differing only by case) and
   rebuilt from an allow-list here, field by field, with the engine's canonical key names. Go's decoder
