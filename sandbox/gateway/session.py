@@ -24,7 +24,7 @@ from . import policy
 from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
-from .http import ClientGone, EngineStream, HttpError, Request, Response, ServerSide
+from .http import MAX_HEADER_BYTES, ClientGone, EngineStream, HttpError, Request, Response, ServerSide
 from .names import HEX_RE, BadReference, Namer, Reference, is_student_repo_tag, parse_reference, split_repo_tag
 from .registry import SessionRecord
 
@@ -51,6 +51,8 @@ MAX_CONNECTIONS = 64
 MAX_CONCURRENT_BUILDS = 2
 MAX_GATEWAY_BUILDS = 4
 BUILD_CONTEXT_SECONDS = 120.0
+# How long a build goes on once its student has gone, before it is stopped.
+BUILD_DRAIN_SECONDS = 10.0
 # A lesson names a handful of images; these leave room for a whole course.
 MAX_IMAGE_TAGS = 100
 MAX_IMAGES = 100
@@ -519,9 +521,11 @@ class StudentGateway:
         rewrite: Callable[[bytes], bytes] | None = None,
         finish: Callable[[], bytes] | None = None,
         each: Callable[[], Awaitable[None]] | None = None,
+        drain: float = 0.0,
     ) -> None:
         """Relay a streaming answer as it comes, without buffering it; `each` is awaited after each chunk is
-        read (and rewritten), before it is relayed."""
+        read (and rewritten), before it is relayed. A student who goes away ends the answer (ClientGone); with
+        `drain`, only once it has been read for that many seconds more, or to its end."""
         try:
             head = await stream.head()
             if head.status >= 400:
@@ -530,11 +534,48 @@ class StudentGateway:
                 raise HttpError(head.status, self.namer.unmask(head.message))
             headers = [(k, v) for k, v in head.raw_headers if k.lower() in PASS_HEADERS]
             await side.start_stream(head.status, headers)
-            async for chunk in stream.chunks():
-                data = rewrite(chunk) if rewrite else chunk
-                if each is not None:
-                    await each()
-                await side.stream_data(data)
+            loop = asyncio.get_running_loop()
+            gone_until: float | None = None
+            waiting: asyncio.Timeout | None = None
+
+            def gone(_: object = None) -> None:
+                nonlocal gone_until
+                if gone_until is None:
+                    gone_until = loop.time() + drain
+                    if waiting is not None:
+                        waiting.reschedule(gone_until)
+
+            # A student who closes the connection is gone even while the engine says nothing.
+            watch = asyncio.create_task(until_closed(side)) if drain else None
+            if watch is not None:
+                watch.add_done_callback(gone)
+            try:
+                chunks = stream.chunks()
+                while True:
+                    try:
+                        async with asyncio.timeout_at(gone_until) as waiting:
+                            chunk = await anext(chunks)
+                    except (StopAsyncIteration, TimeoutError):
+                        break
+                    finally:
+                        waiting = None
+                    data = rewrite(chunk) if rewrite else chunk
+                    if each is not None:
+                        await each()
+                    if gone_until is not None:
+                        continue
+                    try:
+                        await side.stream_data(data)
+                    except ClientGone:
+                        if not drain:
+                            raise
+                        gone()
+            finally:
+                if watch is not None:
+                    watch.remove_done_callback(gone)
+                    watch.cancel()
+            if gone_until is not None:
+                raise ClientGone()
             if finish is not None:
                 await side.stream_data(finish())
             await side.end_stream()
@@ -1808,11 +1849,62 @@ class StudentGateway:
         request.body = b""
         request.body_sent()
         output = BuildOutput(self.namer, hidden_steps=len(self._owner()), quiet=request.flag("q"))
-        await self._stream_engine(
-            side, stream, rewrite=output.feed, finish=output.flush, each=lambda: self._limit_steps(output, memory)
-        )
+        # Read on for a while should the student go (docker build interrupted), so that what the build leaves
+        # when it fails, or is stopped then, is known and removed.
+        try:
+            await self._stream_engine(
+                side,
+                stream,
+                rewrite=output.feed,
+                finish=output.flush,
+                each=lambda: self._limit_steps(output, memory),
+                drain=BUILD_DRAIN_SECONDS,
+            )
+        finally:
+            if not output.image_id:
+                await self._remove_failed_steps(output, bases)
         if output.image_id:
             await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
+
+    async def _remove_failed_steps(self, output: "BuildOutput", bases: list[str]) -> None:
+        """The images a failed build's steps made, which no one can name (the engine labels only the last) and
+        which the engine would keep, each holding everything before it, read by every student's docker images.
+        The last one goes, and with it the steps below it that no other image or container uses. A RUN step
+        may print what the builder prints, so only an untagged image that descends from the build's own
+        images and is no other sandbox's is removed."""
+        steps = [
+            image for image in output.step_images if not any(base.startswith(f"sha256:{image}") for base in bases)
+        ]
+        if not steps:
+            return
+        try:
+            # A build stopped midway removes its step's container after the answer ends: it must be gone first.
+            deadline = time.monotonic() + 15
+            while output.last_container and time.monotonic() < deadline:
+                if (await self.engine.call("GET", f"/containers/{output.last_container}/json")).status == 404:
+                    break
+                await asyncio.sleep(0.2)
+            detail = await self.engine.call("GET", f"/images/{steps[-1]}/json")
+            if detail.status != 200:
+                return
+            image = detail.json()
+            session = ((image.get("Config") or {}).get("Labels") or {}).get(SESSION)
+            if image.get("RepoTags") or session not in (None, str(self.record.session_id)):
+                return
+            history = await self.engine.json("GET", f"/images/{image['Id']}/history")
+            if not {row.get("Id") for row in history or []} & set(bases):
+                return
+            removed = await self.engine.call("DELETE", f"/images/{image['Id']}", query={"force": "0"})
+            if removed.status >= 300 and removed.status != 409:
+                log.warning(
+                    "session %s: could not remove a failed build's steps: %s",
+                    self.record.session_id,
+                    removed.message,
+                )
+        except HttpError:
+            log.warning(
+                "session %s: could not remove a failed build's steps", self.record.session_id, exc_info=True
+            )
 
     async def _limit_steps(self, output: "BuildOutput", memory: int) -> None:
         """The builder cannot limit the processes of a step's container, which runs whatever the student wrote:
@@ -2019,6 +2111,9 @@ class BuildOutput(LineRewriter):
         self.held = b""
         # The containers the builder says it runs steps in, as it says so (see `StudentGateway._limit_steps`).
         self.step_containers: list[str] = []
+        self.last_container = ""
+        # The images the builder says its steps made (the first is the image a stage starts from).
+        self.step_images: list[str] = []
         # As the engine answers `docker build -q`: only the image's ID, or everything once it fails.
         self.quiet = quiet
         self.failed = False
@@ -2036,6 +2131,9 @@ class BuildOutput(LineRewriter):
         running = RUNNING_RE.match(text) if isinstance(text, str) else None
         if running:
             self.step_containers.append(running.group(1))
+            self.last_container = running.group(1)
+        if isinstance(text, str) and ID_LINE_RE.match(text):
+            self.step_images.append(text.strip().removeprefix("---> "))
         if message.get("error"):
             self.failed = True
         # A step's resulting ID is held until what follows shows whether the next step is shown.
@@ -2093,6 +2191,18 @@ class BuildOutput(LineRewriter):
             held = held[cut + 1 :] if cut >= 0 else b""
         self.quiet_held = held
         return b""
+
+
+async def until_closed(side: ServerSide) -> None:
+    """Return once the student has closed their side of the connection; what they send meanwhile is kept for
+    the next request, but past the size of a request's head they are taken for gone too."""
+    kept = 0
+    try:
+        while kept <= MAX_HEADER_BYTES and (data := await side.reader.read(65536)):
+            side.conn.receive_data(data)
+            kept += len(data)
+    except (ConnectionError, OSError):
+        pass
 
 
 async def splice(

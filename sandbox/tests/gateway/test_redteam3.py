@@ -1,10 +1,13 @@
 """Third red-team pass: what one student could do to every other student's docker, or to what is not theirs."""
 
 import json
+import re
+import socket
 import time
 from typing import Any
 from urllib.parse import quote
 
+import docker.errors
 import pytest
 
 from sandbox.gateway.policy import LABELS_MAX, MAX_PENDING_EXECS, SANDBOX_LABELS_MAX
@@ -178,3 +181,57 @@ def test_images_cannot_weigh_down_every_students_image_list(
     # What lessons build is far from it.
     built = student.build(f"FROM {curated_image}\nENV APP=1\nRUN echo hi > /hi\nCMD cat /hi\n", tag="app")
     assert built.status == 200 and b"Successfully" in built.body, built.body
+
+
+def _step_images(text: str) -> list[str]:
+    return re.findall(r"^ ---> ([0-9a-f]{12})$", text, flags=re.MULTILINE)
+
+
+def _exists(engine: Any, image: str) -> bool:
+    try:
+        engine.inspect_image(image)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def _gone(engine: Any, images: list[str], within: float = 10) -> bool:
+    deadline = time.monotonic() + within
+    while any(_exists(engine, image) for image in images):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_failed_or_interrupted_build_leaves_no_images(
+    student: StudentSession, curated_image: str, engine: Any
+) -> None:
+    # The steps of a build that fails stay on the engine as images no one can name or remove (the gateway
+    # labels only the last), each holding all that came before it, read by every student's docker images.
+    answer = student.build(f"FROM {curated_image}\nENV STEP=one\nENV STEP=two\nRUN false\n", tag="fails")
+    assert b"errorDetail" in answer.body, answer.body
+    steps = _step_images(_build_output(answer))
+    assert len(steps) == 3, answer.body
+    assert _exists(engine, steps[0])
+    assert _gone(engine, steps[1:]), steps
+
+    # Interrupted (the student's docker build gone), the build is stopped a while later and cleaned up too.
+    dockerfile = f"FROM {curated_image}\nENV STEP=three\nRUN sleep 600\n"
+    body = dockerfile_context(dockerfile)
+    head = (
+        f"POST /v1.41/build?t=gone HTTP/1.1\r\nHost: docker\r\nContent-Type: application/x-tar\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(60)
+        sock.connect(str(student.socket))
+        sock.sendall(head + body)
+        seen = b""
+        while b"Running in" not in seen.partition(b"RUN sleep 600")[2]:
+            chunk = sock.recv(65536)
+            assert chunk, seen
+            seen += chunk
+    step = _step_images(seen.decode().replace("\\n", "\n").replace('{"stream": "', ""))[-1]
+    assert _exists(engine, step) and not engine.inspect_image(step)["RepoTags"], step
+    assert _gone(engine, [step], within=40)
