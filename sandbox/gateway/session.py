@@ -269,6 +269,8 @@ class StudentGateway:
         self.routes = self._routes()
         # Checking the budget and creating under one lock, or two requests at once would both fit.
         self.budget_lock = asyncio.Lock()
+        # What the session's running builds may use of its memory budget (see `_reserve_build_memory`).
+        self.build_memory = 0
         self.builds = asyncio.Semaphore(MAX_CONCURRENT_BUILDS)
         # Each build holds its context (and a rewritten copy) in memory: the gateway as a whole runs a few.
         self.gateway_builds = builds or asyncio.Semaphore(MAX_GATEWAY_BUILDS)
@@ -970,7 +972,7 @@ class StudentGateway:
                 f"your sandbox may hold at most {self.record.max_containers} containers; remove some with "
                 "docker rm (docker ps -a lists them)"
             )
-        used = await self._own_memory(containers)
+        used = await self._own_memory(containers) + self.build_memory
         budget = self.record.memory_budget_mb * MB
         if used + plan.memory > budget:
             raise policy.Refused(
@@ -1196,6 +1198,7 @@ class StudentGateway:
         async with self.budget_lock:
             if plan.memory is not None:
                 used = await self._own_memory(await self.own_containers(), exclude=container["Id"])
+                used += self.build_memory
                 budget = self.record.memory_budget_mb * MB
                 if used + plan.memory > budget:
                     raise policy.Refused(
@@ -1820,51 +1823,68 @@ class StudentGateway:
         body = await asyncio.to_thread(
             policy.build_context_replace, context.tar, member_name=context.member_name, text=text
         )
-        memory = self.limits.container_memory_max
-        query: list[tuple[str, str]] = [("t", t) for t in tags]
-        query += [
-            ("dockerfile", context.dockerfile_name),
-            ("networkmode", "none"),
-            ("rm", "1"),
-            ("forcerm", "1"),
-            ("pull", "0"),
-            ("memory", str(memory)),
-            ("memswap", str(memory)),
-            ("cpuperiod", "100000"),
-            ("cpuquota", str(self.limits.nano_cpus // 10_000)),
-            ("labels", json.dumps(labels)),
-            ("version", "1"),
-        ]
-        # Never quiet to the engine: it would keep all of the progress in its memory, and name no step's
-        # container (the gateway shows what `docker build -q` shows).
-        for key in ("nocache", "target", "buildargs"):
-            if request.arg(key):
-                query.append((key, request.arg(key)))
-        stream = await self.engine.open(
-            "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
-        )
-        # The context is the engine's now: nothing here keeps it (as sent, expanded or rewritten), and its slot
-        # is free for another build.
-        del body, context
-        request.body = b""
-        request.body_sent()
-        output = BuildOutput(self.namer, hidden_steps=len(self._owner()), quiet=request.flag("q"))
-        # Read on for a while should the student go (docker build interrupted), so that what the build leaves
-        # when it fails, or is stopped then, is known and removed.
+        memory = await self._reserve_build_memory()
         try:
-            await self._stream_engine(
-                side,
-                stream,
-                rewrite=output.feed,
-                finish=output.flush,
-                each=lambda: self._limit_steps(output, memory),
-                drain=BUILD_DRAIN_SECONDS,
+            query: list[tuple[str, str]] = [("t", t) for t in tags]
+            query += [
+                ("dockerfile", context.dockerfile_name),
+                ("networkmode", "none"),
+                ("rm", "1"),
+                ("forcerm", "1"),
+                ("pull", "0"),
+                ("memory", str(memory)),
+                ("memswap", str(memory)),
+                ("cpuperiod", "100000"),
+                ("cpuquota", str(self.limits.nano_cpus // 10_000)),
+                ("labels", json.dumps(labels)),
+                ("version", "1"),
+            ]
+            # Never quiet to the engine: it would keep all of the progress in its memory, and name no step's
+            # container (the gateway shows what `docker build -q` shows).
+            for key in ("nocache", "target", "buildargs"):
+                if request.arg(key):
+                    query.append((key, request.arg(key)))
+            stream = await self.engine.open(
+                "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
             )
+            # The context is the engine's now: nothing here keeps it (as sent, expanded or rewritten), and its slot
+            # is free for another build.
+            del body, context
+            request.body = b""
+            request.body_sent()
+            output = BuildOutput(self.namer, hidden_steps=len(self._owner()), quiet=request.flag("q"))
+            # Read on for a while should the student go (docker build interrupted), so that what the build leaves
+            # when it fails, or is stopped then, is known and removed.
+            try:
+                await self._stream_engine(
+                    side,
+                    stream,
+                    rewrite=output.feed,
+                    finish=output.flush,
+                    each=lambda: self._limit_steps(output, memory),
+                    drain=BUILD_DRAIN_SECONDS,
+                )
+            finally:
+                if not output.image_id:
+                    await self._remove_failed_steps(output, bases)
+            if output.image_id:
+                await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
         finally:
-            if not output.image_id:
-                await self._remove_failed_steps(output, bases)
-        if output.image_id:
-            await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
+            self.build_memory -= memory
+
+    async def _reserve_build_memory(self) -> int:
+        """The memory a build's steps may use: what the sandbox's containers and other builds leave of its
+        budget, at most a container's. It counts as used until the build ends."""
+        async with self.budget_lock:
+            used = await self._own_memory(await self.own_containers()) + self.build_memory
+            memory = min(self.limits.container_memory_max, self.record.memory_budget_mb * MB - used)
+            if memory < 6 * MB:
+                raise policy.Refused(
+                    f"your sandbox's containers and builds use its {self.record.memory_budget_mb} MB of memory "
+                    "already; remove a container, or wait for a build, and build again"
+                )
+            self.build_memory += memory
+            return memory
 
     async def _remove_failed_steps(self, output: "BuildOutput", bases: list[str]) -> None:
         """The images a failed build's steps made, which no one can name (the engine labels only the last) and

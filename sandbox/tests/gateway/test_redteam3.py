@@ -235,3 +235,18 @@ def test_a_failed_or_interrupted_build_leaves_no_images(
     step = _step_images(seen.decode().replace("\\n", "\n").replace('{"stream": "', ""))[-1]
     assert _exists(engine, step) and not engine.inspect_image(step)["RepoTags"], step
     assert _gone(engine, [step], within=40)
+
+
+def test_builds_keep_to_the_sandboxs_memory_budget(student_factory: Any, curated_image: str) -> None:
+    # A build's steps could each use a whole container's memory beside the sandbox's containers: with two
+    # builds at once, a student used three times the memory the sandbox is given.
+    student: StudentSession = student_factory(memory_budget_mb=64, max_containers=2)
+    student.run(curated_image, ["sleep", "600"], name="big", HostConfig={"Memory": 40 * 1024 * 1024})
+    probe = "RUN cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max"
+    built = student.build(f"FROM {curated_image}\n{probe}\n")
+    assert built.status == 200 and b"Successfully" in built.body, built.body
+    assert str(24 * 1024 * 1024) in _build_output(built), built.body
+    more = student.call("POST", "/v1.41/containers/big/update", {"Memory": 62 * 1024 * 1024})
+    assert more.status == 200, more.body
+    refused = student.build(f"FROM {curated_image}\nRUN true\n")
+    assert refused.status == 403 and "memory" in refused.message, refused.body
