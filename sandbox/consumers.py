@@ -18,9 +18,6 @@ from .terminal import TerminalRelay, terminal_close, terminal_relay
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
-# Each resize the engine is told of is a call to the shared engine: a browser sends one per frame of a window
-# being dragged, and a script could send thousands a second. Sizes that come faster are coalesced to the last.
-RESIZE_INTERVAL = 0.25
 ENDED_STATES = {SandboxState.ENDED, SandboxState.FAILED, SandboxState.STOPPING}
 
 
@@ -52,8 +49,6 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.relay = None
         self.hello = None
         self.size: protocol.Resize | None = None
-        self.applied_size: protocol.Resize | None = None
-        self.resizing: asyncio.Task[None] | None = None
         self.last_touch = 0.0
         self.max_frame = settings.TERMINAL_MAX_FRAME_BYTES
         self.hello_timer: asyncio.TimerHandle | None = None
@@ -77,8 +72,6 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.hello_timer is not None:
             self.hello_timer.cancel()
-        if self.resizing is not None:
-            self.resizing.cancel()
         if self.sandbox is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
         if self.relay is not None:
@@ -112,26 +105,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         elif isinstance(frame, protocol.Resize):
             if protocol.resize_is_sane(frame):
                 self.size = frame
-                self._resize_soon()
+                if self.relay is not None:
+                    self.relay.resize(cols=frame.cols, rows=frame.rows)
         elif isinstance(frame, protocol.Ack) and self.relay is not None:
             self.relay.ack(self, offset=frame.offset)
-
-    def _resize_soon(self) -> None:
-        if self.resizing is None or self.resizing.done():
-            self.resizing = asyncio.create_task(self._resize())
-
-    async def _resize(self) -> None:
-        while self.relay is not None and self.size is not None and self.size != self.applied_size:
-            size = self.size
-            try:
-                await self.relay.resize(cols=size.cols, rows=size.rows)
-            except Exception:
-                log.warning(
-                    "terminal %s: a resize failed", self.sandbox.pk if self.sandbox else None, exc_info=True
-                )
-                return
-            self.applied_size = size
-            await asyncio.sleep(RESIZE_INTERVAL)
 
     async def _note_activity(self) -> None:
         now = time.monotonic()
@@ -171,9 +148,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_UNAVAILABLE)
             return
         self.relay = relay
-        self.applied_size = self.size
         if self.size is not None:
-            await relay.resize(cols=self.size.cols, rows=self.size.rows)
+            relay.resize(cols=self.size.cols, rows=self.size.rows, anew=True)
         await relay.attach(self, has_screen=self.hello.has_screen, offset=self.hello.offset)
 
     # The relay's side.

@@ -19,6 +19,11 @@ from .backends.base import TerminalStream
 
 log = logging.getLogger(__name__)
 
+# Each resize the engine is told of is a call to the shared engine: a browser sends one per frame of a window
+# being dragged, a script thousands a second, and each websocket that opens brings one. Whatever browser they
+# come from, sizes that come faster than this are coalesced to the last.
+RESIZE_INTERVAL = 0.25
+
 
 class Viewer(Protocol):
     """A browser connected to the terminal."""
@@ -85,6 +90,9 @@ class TerminalRelay:
         self._can_send = asyncio.Event()
         self._can_send.set()
         self._task: asyncio.Task[None] | None = None
+        self._size: tuple[int, int] | None = None
+        self._applied_size: tuple[int, int] | None = None
+        self._resizing: asyncio.Task[None] | None = None
         self.closed = False
 
     def start(self) -> None:
@@ -170,10 +178,32 @@ class TerminalRelay:
     async def write(self, data: bytes) -> None:
         await self._stream.write(data)
 
-    async def resize(self, *, cols: int, rows: int) -> None:
-        await self._stream.resize(cols=cols, rows=rows)
+    def resize(self, *, cols: int, rows: int, anew: bool = False) -> None:
+        """Size the TTY: now if it was not resized within RESIZE_INTERVAL, else once that has passed, to the
+        last size asked for by then.
+
+        `anew` tells the engine even a size it was told last: another web process may have resized the TTY
+        since (each has a relay of its own), and a browser that attaches brings the size it needs."""
+        self._size = (cols, rows)
+        if anew:
+            self._applied_size = None
+        if self._resizing is None or self._resizing.done():
+            self._resizing = asyncio.create_task(self._resize(), name=f"terminal-{self.sandbox_id}-resize")
+
+    async def _resize(self) -> None:
+        while not self.closed and self._size is not None and self._size != self._applied_size:
+            size = self._size
+            try:
+                await self._stream.resize(cols=size[0], rows=size[1])
+            except Exception:
+                log.warning("terminal %s: a resize failed", self.sandbox_id, exc_info=True)
+                return
+            self._applied_size = size
+            await asyncio.sleep(RESIZE_INTERVAL)
 
     async def close(self) -> None:
+        if self._resizing is not None:
+            self._resizing.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

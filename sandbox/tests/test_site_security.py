@@ -14,13 +14,14 @@ from django.conf import settings
 from django.contrib.sessions.models import Session
 from django.test import Client, override_settings
 from django.utils import timezone
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from lessons.models import Lesson
 from sandbox import protocol
 from sandbox.models import Sandbox
 from sandbox.owners import SESSION_KEY
+from sandbox.terminal import RESIZE_INTERVAL
 from sandbox.tests.test_terminal_live import Terminal, _start, _ws
 
 BASE_DIR = Path(__file__).resolve().parents[2]
@@ -195,3 +196,40 @@ def test_a_visitor_who_starts_nothing_leaves_no_session_behind(
         refused = Client().post("/sandbox/start/", {"lesson": lesson.slug}, HTTP_HX_REQUEST="true")
     assert refused.status_code == 429
     assert settings.SESSION_COOKIE_NAME not in refused.cookies and Session.objects.count() == 1
+
+
+@pytest.mark.engine
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.usefixtures("engine_cleanup")
+def test_resizes_reach_the_engine_coalesced_however_many_times_the_terminal_reconnects(
+    live_asgi: str, lesson: Lesson
+) -> None:
+    # Coalescing within one websocket is not enough: each new one would otherwise tell the engine its size at
+    # once, so a script reconnecting in a loop would call the shared engine as fast as it can open websockets.
+    client = Client()
+    sandbox = _start(client, lesson)
+    connections = 100
+
+    async def session() -> tuple[float, float]:
+        async def attach(ws: ClientConnection, cols: int, rows: int) -> Terminal:
+            term = Terminal(ws)
+            await term.hello(cols=cols, rows=rows)
+            await term.until(lambda t: t.replays == 1, within=60)
+            return term
+
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            await attach(ws, 100, 30)
+        started = time.time()
+        for i in range(connections):
+            async with _ws(live_asgi, sandbox.pk, client) as ws:
+                await attach(ws, 80 + i % 40, 24 + i % 10)
+        elapsed = time.time() - started
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            last = await attach(ws, 123, 45)
+            await last.run("sleep 1; stty size", b"45 123")
+        return started, elapsed
+
+    started, elapsed = asyncio.run(session())
+    assert elapsed < connections * RESIZE_INTERVAL / 2, "the reconnects were too slow to show anything"
+    assert 1 <= _engine_resizes(sandbox.pk, started - 1) <= elapsed / RESIZE_INTERVAL + 4

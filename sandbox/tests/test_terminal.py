@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from sandbox.terminal import ReplayBuffer, TerminalRelay
+from sandbox.terminal import RESIZE_INTERVAL, ReplayBuffer, TerminalRelay
 
 
 def test_replay_buffer_keeps_the_tail_with_offsets() -> None:
@@ -149,3 +149,27 @@ async def test_the_end_of_the_shell_is_reported_once() -> None:
     assert gone == ["gone"]
     assert viewer.detached_for == "gone"
     assert relay.closed
+
+
+@pytest.mark.asyncio
+async def test_sizes_from_every_browser_are_coalesced_by_the_relay() -> None:
+    stream = MemoryStream()
+    applied: list[tuple[int, int]] = []
+
+    async def resize(*, cols: int, rows: int) -> None:
+        applied.append((cols, rows))
+
+    stream.resize = resize  # type: ignore[method-assign]
+    relay, _ = await _relay(stream)
+    relay.resize(cols=80, rows=24, anew=True)
+    await _settle()
+    for cols in range(81, 120):
+        relay.resize(cols=cols, rows=24, anew=True)
+    await _settle()
+    assert applied == [(80, 24)]
+    await asyncio.sleep(RESIZE_INTERVAL * 1.5)
+    assert applied == [(80, 24), (119, 24)]
+    relay.resize(cols=119, rows=24)
+    await asyncio.sleep(RESIZE_INTERVAL * 1.5)
+    assert applied == [(80, 24), (119, 24)]
+    await relay.close()

@@ -17,6 +17,7 @@ from lessons.models import Lesson
 from sandbox import protocol
 from sandbox.models import Sandbox, SandboxState
 from sandbox.owners import SESSION_KEY
+from sandbox.terminal import RESIZE_INTERVAL
 
 pytestmark = [pytest.mark.engine, pytest.mark.redis, pytest.mark.slow, pytest.mark.usefixtures("engine_cleanup")]
 
@@ -127,7 +128,8 @@ def test_start_type_resize_reconnect_and_stop(live_asgi: str, lesson: Lesson) ->
             await term.run("echo $((6*7))", b"42")
             await term.run("stty size", b"30 100")
             await ws.send(protocol.resize_frame(132, 43))
-            await term.run("stty size", b"43 132")
+            # The engine hears of a size at most once in RESIZE_INTERVAL: this one comes at the interval's end.
+            await term.run(f"sleep {RESIZE_INTERVAL * 2}; stty size", b"43 132")
             await term.run("export MARK=kept; (sleep 1; echo late-$((3*3))) & echo bg-$((1+1))", b"bg-2")
             offset = term.offset
 
