@@ -526,8 +526,9 @@ class StudentGateway:
         drain: float = 0.0,
     ) -> None:
         """Relay a streaming answer as it comes, without buffering it; `each` is awaited after each chunk is
-        read (and rewritten), before it is relayed. A student who goes away ends the answer (ClientGone); with
-        `drain`, only once it has been read for that many seconds more, or to its end."""
+        read (and rewritten), before it is relayed. A student who goes away (closes the connection, as the
+        engine sees it too) ends the answer (ClientGone); with `drain`, only once it has been read for that many
+        seconds more, or to its end."""
         try:
             head = await stream.head()
             if head.status >= 400:
@@ -547,10 +548,10 @@ class StudentGateway:
                     if waiting is not None:
                         waiting.reschedule(gone_until)
 
-            # A student who closes the connection is gone even while the engine says nothing.
-            watch = asyncio.create_task(until_closed(side)) if drain else None
-            if watch is not None:
-                watch.add_done_callback(gone)
+            # A student who closes the connection is gone even while the engine says nothing (docker logs -f
+            # of a quiet container, interrupted), and holds none of their sandbox's connections.
+            watch = asyncio.create_task(until_closed(side))
+            watch.add_done_callback(gone)
             try:
                 chunks = stream.chunks()
                 while True:
@@ -573,9 +574,8 @@ class StudentGateway:
                             raise
                         gone()
             finally:
-                if watch is not None:
-                    watch.remove_done_callback(gone)
-                    watch.cancel()
+                watch.remove_done_callback(gone)
+                watch.cancel()
             if gone_until is not None:
                 raise ClientGone()
             if finish is not None:

@@ -11,6 +11,7 @@ import docker.errors
 import pytest
 
 from sandbox.gateway.policy import LABELS_MAX, MAX_PENDING_EXECS, SANDBOX_LABELS_MAX
+from sandbox.gateway.session import MAX_CONNECTIONS
 
 from .conftest import StudentSession, dockerfile_context, owned_objects
 
@@ -250,3 +251,24 @@ def test_builds_keep_to_the_sandboxs_memory_budget(student_factory: Any, curated
     assert more.status == 200, more.body
     refused = student.build(f"FROM {curated_image}\nRUN true\n")
     assert refused.status == 403 and "memory" in refused.message, refused.body
+
+
+def test_a_stream_the_student_left_holds_none_of_their_connections(
+    student: StudentSession, curated_image: str
+) -> None:
+    # docker logs -f (or events, stats) of something quiet, interrupted: the gateway only noticed the student
+    # had gone once the engine said something, so a few dozen interruptions locked the student out.
+    student.run(curated_image, ["sleep", "600"], name="quiet")
+    request = b"GET /v1.41/containers/quiet/logs?follow=1&stdout=1 HTTP/1.1\r\nHost: docker\r\n\r\n"
+    for _ in range(MAX_CONNECTIONS + 4):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(student.socket))
+            sock.sendall(request)
+            assert sock.recv(12).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 10
+    answer = student.call("GET", "/v1.41/_ping")
+    while answer.status != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        answer = student.call("GET", "/v1.41/_ping")
+    assert answer.status == 200, answer.body
