@@ -241,6 +241,11 @@ def parse_ports_label(value: str) -> list[PortBinding]:
     return ports
 
 
+# Each volume a container has, its image's anonymous ones included, is a directory the engine keeps and lists
+# for every student's docker volume ls; a create body could name tens of thousands.
+MAX_CONTAINER_VOLUMES = 16
+
+
 @dataclass
 class CreatePlan:
     """A container creation as the policy allows it, before names are mapped to the engine's."""

@@ -967,6 +967,13 @@ class StudentGateway:
         # A container carries its image's labels too.
         inherited = image.entry.get("Labels") or {}
         policy.refuse_large_labels(policy.labels_size({**inherited, **plan.config["Labels"]}))
+        detail = await self.engine.json("GET", f"/images/{image.id}/json")
+        anonymous = set((detail.get("Config") or {}).get("Volumes") or {}) | set(plan.config.get("Volumes") or {})
+        if len(anonymous) + len(plan.volumes) + len(plan.mounts) > policy.MAX_CONTAINER_VOLUMES:
+            raise policy.Refused(
+                f"a container in the sandbox may have at most {policy.MAX_CONTAINER_VOLUMES} volumes (its image's "
+                "included)"
+            )
         if len(containers) >= self.record.max_containers:
             raise policy.Refused(
                 f"your sandbox may hold at most {self.record.max_containers} containers; remove some with "

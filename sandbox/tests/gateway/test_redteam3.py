@@ -10,7 +10,7 @@ from urllib.parse import quote
 import docker.errors
 import pytest
 
-from sandbox.gateway.policy import LABELS_MAX, MAX_PENDING_EXECS, SANDBOX_LABELS_MAX
+from sandbox.gateway.policy import LABELS_MAX, MAX_CONTAINER_VOLUMES, MAX_PENDING_EXECS, SANDBOX_LABELS_MAX
 from sandbox.gateway.session import MAX_CONNECTIONS
 
 from .conftest import StudentSession, dockerfile_context, owned_objects
@@ -272,3 +272,26 @@ def test_a_stream_the_student_left_holds_none_of_their_connections(
         time.sleep(0.2)
         answer = student.call("GET", "/v1.41/_ping")
     assert answer.status == 200, answer.body
+
+
+def test_a_container_has_a_bounded_number_of_volumes(
+    student: StudentSession, curated_image: str, engine: Any
+) -> None:
+    # Each path of a create's Volumes (or of its image's VOLUME) is an anonymous volume the engine makes and
+    # lists for everyone; one create body could name tens of thousands.
+    many = {f"/v{index}": {} for index in range(2000)}
+    refused = student.call("POST", "/v1.41/containers/create", {"Image": curated_image, "Volumes": many})
+    assert refused.status == 403 and "volumes" in refused.message, refused.body
+    volumes = " ".join(f"/v{index}" for index in range(MAX_CONTAINER_VOLUMES + 1))
+    built = student.build(f"FROM {curated_image}\nVOLUME {volumes}\n", tag="volumes")
+    assert built.status == 200 and b"Successfully" in built.body, built.body
+    refused = student.call("POST", "/v1.41/containers/create", {"Image": "volumes"})
+    assert refused.status == 403 and "volumes" in refused.message, refused.body
+    assert owned_objects(engine, student)["containers"] == []
+    # A few, as lessons have them, are as docker has them.
+    made = student.call(
+        "POST",
+        "/v1.41/containers/create",
+        {"Image": curated_image, "Volumes": {"/cache": {}}, "HostConfig": {"Binds": ["data:/data"]}},
+    )
+    assert made.status == 201, made.body
