@@ -32,6 +32,8 @@ with a message saying that the feature is not available in the sandbox. For the 
   (also not behind quotes or escapes).
 * Labels: an image or container carries at most 16 KB of the student's (its image's included), and one
   sandbox's images 256 KB in all, since every student's docker reads the engine's whole list of images.
+* What the engine keeps for everyone stays small: an exec instance takes 16 KB of command and environment
+  (and a container has 32 unfinished ones at most), a container 16 volumes; images are weighed in session.py.
 * Healthchecks, of a created container or in a Dockerfile, run at most once a second, with no option the
   policy does not know.
 * Filters are read as docker reads them; name filters are RE2 expressions, as Go's are.

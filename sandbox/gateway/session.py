@@ -1599,7 +1599,7 @@ class StudentGateway:
     ) -> None:
         """Refuse a new image of `steps` steps on the images `bases`, each adding at most `added` bytes to the
         configuration, should it weigh too much, or the sandbox's images with it."""
-        shapes = await asyncio.gather(*(self._image_shape(base) for base in bases))
+        shapes = [await self._image_shape(base) for base in bases]
         rows = max((r for r, _ in shapes), default=0)
         size = max((b for _, b in shapes), default=0)
         weight = (rows + steps) * (size + added)
@@ -1609,7 +1609,12 @@ class StudentGateway:
                 f"times the size of its configuration (this one would weigh {weight // MB} MB): write a shorter "
                 "Dockerfile, or smaller ENV and LABEL values"
             )
-        held = sum(r * b for r, b in await asyncio.gather(*(self._image_shape(v.id) for v in views if v.own)))
+        # One at a time (each measured once), so that a request holds few connections to the engine.
+        held = 0
+        for view in views:
+            if view.own:
+                own_rows, own_size = await self._image_shape(view.id)
+                held += own_rows * own_size
         if held + weight > SANDBOX_WEIGHT_MAX:
             raise policy.Refused(
                 f"your sandbox's images may weigh at most {SANDBOX_WEIGHT_MAX // MB} MB in all, counted as their "
