@@ -279,7 +279,7 @@ def test_a_container_has_a_bounded_number_of_volumes(
 ) -> None:
     # Each path of a create's Volumes (or of its image's VOLUME) is an anonymous volume the engine makes and
     # lists for everyone; one create body could name tens of thousands.
-    many = {f"/v{index}": {} for index in range(2000)}
+    many: dict[str, Any] = {f"/v{index}": {} for index in range(2000)}
     refused = student.call("POST", "/v1.41/containers/create", {"Image": curated_image, "Volumes": many})
     assert refused.status == 403 and "volumes" in refused.message, refused.body
     volumes = " ".join(f"/v{index}" for index in range(MAX_CONTAINER_VOLUMES + 1))
