@@ -46,6 +46,9 @@ CLOSE_UNAVAILABLE = 4503
 _HELLO = struct.Struct(">BQ")
 _RESIZE = struct.Struct(">HH")
 _OFFSET = struct.Struct(">Q")
+# The browser reads offsets as JavaScript numbers, exact below 2**53; a larger one is no screen's, and a relay
+# numbered from it would overflow the frames' 64 bits.
+MAX_OFFSET = 2**53 - 1
 
 
 class ProtocolError(ValueError):
@@ -88,7 +91,7 @@ def parse_client_frame(frame: bytes, *, max_bytes: int) -> ClientFrame:
     if kind == ACK:
         if len(body) != _OFFSET.size:
             raise ProtocolError("malformed ack")
-        return Ack(_OFFSET.unpack(body)[0])
+        return Ack(_offset(_OFFSET.unpack(body)[0]))
     if kind == RESIZE:
         if len(body) != _RESIZE.size:
             raise ProtocolError("malformed resize")
@@ -98,8 +101,14 @@ def parse_client_frame(frame: bytes, *, max_bytes: int) -> ClientFrame:
         if len(body) != _HELLO.size:
             raise ProtocolError("malformed hello")
         flags, offset = _HELLO.unpack(body)
-        return Hello(bool(flags & FLAG_HAS_SCREEN), offset)
+        return Hello(bool(flags & FLAG_HAS_SCREEN), _offset(offset))
     raise ProtocolError(f"unknown frame type {kind:#x}")
+
+
+def _offset(value: int) -> int:
+    if value > MAX_OFFSET:
+        raise ProtocolError("offset out of range")
+    return value
 
 
 def resize_is_sane(resize: Resize) -> bool:
