@@ -302,6 +302,7 @@ class StudentGateway:
             ("POST", c + r"/rename", self.container_rename),
             ("POST", c + r"/update", self.container_update),
             ("POST", c + r"/attach", self.container_attach),
+            ("HEAD", c + r"/archive", self.container_path_stat),
             ("POST", c + r"/exec", self.exec_create),
             ("DELETE", c, self.container_remove),
             ("POST", r"/exec/(?P<ref>[^/]+)/start", self.exec_start),
@@ -1109,6 +1110,16 @@ class StudentGateway:
 
     async def container_changes(self, side: ServerSide, request: Request, ref: str) -> None:
         await self._container_passthrough(side, request, ref, "/changes", ())
+
+    async def container_path_stat(self, side: ServerSide, request: Request, ref: str) -> None:
+        """docker cp asks what a path in the container is before it copies. The copy is not available; this
+        answer lets the CLI go on to say so, where it would otherwise guess that a directory is missing."""
+        container = await self.resolve_container(ref)
+        response = await self.engine.call(
+            "HEAD", f"/containers/{container['Id']}/archive", query={"path": request.arg("path")}
+        )
+        stat = response.headers.get("x-docker-container-path-stat")
+        await side.respond(response.status, b"", headers=[("X-Docker-Container-Path-Stat", stat)] if stat else [])
 
     async def container_stats(self, side: ServerSide, request: Request, ref: str) -> None:
         container = await self.resolve_container(ref)

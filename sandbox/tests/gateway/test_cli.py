@@ -296,3 +296,21 @@ def test_system_df_counts_shared_layers_once(
     assert "-s" not in detail and "layercake" not in detail.replace("layercake/", ""), detail
     volumes = json.loads(ok(ws.docker("docker system df -v --format '{{json .Volumes}}'")))
     assert [(v["Name"], v["Size"]) for v in volumes] == [("notes", "0B")], volumes
+
+
+def test_docker_cp_says_it_is_not_available(
+    student: StudentSession, workstation_factory: Any, curated_image: str
+) -> None:
+    ws = workstation_factory.for_session(student)
+    ok(ws.docker(f"docker run -d --name web {curated_image} sleep 60 && echo hi > toc.txt"))
+    for command in ("docker cp toc.txt web:/toc.txt", "docker cp toc.txt web:/etc/", "docker cp web:/etc/hosts ."):
+        code, said = ws.docker(f"{command} 2>&1")
+        assert (
+            code == 1
+            and said == "Error response from daemon: docker cp is not available in the Layercake sandbox\n"
+        ), (
+            command,
+            said,
+        )
+    code, said = ws.docker("docker cp toc.txt web:/nowhere/ 2>&1")
+    assert code == 1 and "no such directory" in said, said

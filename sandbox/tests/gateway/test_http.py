@@ -158,10 +158,10 @@ def test_body_over_the_cap_is_refused(student: StudentSession) -> None:
 def test_a_refused_head_request_is_answered_and_the_connection_goes_on(
     student: StudentSession, curated_image: str
 ) -> None:
-    """`docker cp` asks HEAD first: its refusal is a head without a body, and the next request is served."""
+    """A refusal of HEAD is a head without a body, and the next request on the connection is served."""
     student.run(curated_image, ["sleep", "60"], name="web")
     data = student.raw(
-        b"HEAD /v1.41/containers/web/archive?path=/etc HTTP/1.1\r\nHost: docker\r\n\r\n"
+        b"HEAD /v1.41/containers/web/export HTTP/1.1\r\nHost: docker\r\n\r\n"
         b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
     )
     head, _, rest = data.partition(b"\r\n\r\n")
