@@ -1090,12 +1090,23 @@ class StudentGateway:
         await side.respond(200, self.namer.unmask(json.dumps(detail)).encode() + b"\n")
 
     async def _container_passthrough(
-        self, side: ServerSide, request: Request, ref: str, suffix: str, keep: tuple[str, ...], method: str = "GET"
+        self,
+        side: ServerSide,
+        request: Request,
+        ref: str,
+        suffix: str,
+        keep: tuple[str, ...],
+        method: str = "GET",
+        *,
+        lines: "LineRewriter | None" = None,
     ) -> None:
         container = await self.resolve_container(ref)
         query = [(k, v) for k, v in request.query if k in keep]
         stream = await self.engine.open(method, f"/containers/{container['Id']}{suffix}", query=query)
-        await self._stream_engine(side, stream)
+        if lines is None:
+            await self._stream_engine(side, stream)
+        else:
+            await self._stream_engine(side, stream, rewrite=lines.feed, finish=lines.flush)
 
     async def container_logs(self, side: ServerSide, request: Request, ref: str) -> None:
         keep = ("follow", "stdout", "stderr", "since", "until", "timestamps", "tail", "details")
@@ -1122,11 +1133,8 @@ class StudentGateway:
         await side.respond(response.status, b"", headers=[("X-Docker-Container-Path-Stat", stat)] if stat else [])
 
     async def container_stats(self, side: ServerSide, request: Request, ref: str) -> None:
-        container = await self.resolve_container(ref)
-        query = [(k, v) for k, v in request.query if k in ("stream", "one-shot")]
-        stream = await self.engine.open("GET", f"/containers/{container['Id']}/stats", query=query)
-        rewrite = LineRewriter(lambda line: self.namer.unmask(line.decode()).encode() + b"\n")
-        await self._stream_engine(side, stream, rewrite=rewrite.feed, finish=rewrite.flush)
+        names = LineRewriter(lambda line: self.namer.unmask(line.decode()).encode() + b"\n")
+        await self._container_passthrough(side, request, ref, "/stats", ("stream", "one-shot"), lines=names)
 
     async def container_wait(self, side: ServerSide, request: Request, ref: str) -> None:
         await self._container_passthrough(side, request, ref, "/wait", ("condition",), method="POST")
