@@ -210,13 +210,22 @@ class PortBinding:
     host_port: int
     container_port: int
     proto: str
+    # As the student typed it: "" (every address), "0.0.0.0", "::" or "127.0.0.1". The port answers on the
+    # workstation's loopback whichever it is; the address is kept so that docker's outputs show it.
+    host_ip: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.container_port}/{self.proto}"
 
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses docker lists the port on: both families for one published on every address."""
+        return ["0.0.0.0", "::"] if self.host_ip == "" else [self.host_ip]
+
     def label(self) -> str:
-        return f"{self.host_port}:{self.container_port}/{self.proto}"
+        address = f"[{self.host_ip}]:" if ":" in self.host_ip else f"{self.host_ip}:" if self.host_ip else ""
+        return f"{address}{self.host_port}:{self.container_port}/{self.proto}"
 
 
 def ports_label(ports: list[PortBinding]) -> str:
@@ -237,9 +246,10 @@ def port_filter(value: str) -> Callable[[int, str], bool]:
 def parse_ports_label(value: str) -> list[PortBinding]:
     ports = []
     for item in filter(None, value.split(",")):
-        match = re.fullmatch(r"(\d+):(\d+)/(tcp|udp|sctp)", item)
+        match = re.fullmatch(r"(?:([0-9.]+):|\[([0-9a-f:]+)\]:)?(\d+):(\d+)/(tcp|udp|sctp)", item)
         if match:
-            ports.append(PortBinding(int(match.group(1)), int(match.group(2)), match.group(3)))
+            ipv4, ipv6, host_port, container_port, proto = match.groups()
+            ports.append(PortBinding(int(host_port), int(container_port), proto, ipv4 or ipv6 or ""))
     return ports
 
 
@@ -537,13 +547,14 @@ def _port_bindings(raw: Any) -> list[PortBinding]:
             entry.finish()
             if host_ip not in ("", "0.0.0.0", "127.0.0.1", "::", "localhost"):
                 raise not_available(f"publishing on the address {host_ip}")
+            host_ip = "127.0.0.1" if host_ip == "localhost" else host_ip
             if not host_port:
                 raise Refused("choose the port in the sandbox: -p HOSTPORT:CONTAINERPORT (e.g. -p 8080:80)")
             if not host_port.isdigit() or not 0 < int(host_port) < 65536 or not 0 < container_port < 65536:
                 raise HttpError(400, f"invalid port {host_port}")
             if proto != "tcp":
                 raise not_available("publishing a UDP or SCTP port")
-            ports.append(PortBinding(int(host_port), container_port, proto))
+            ports.append(PortBinding(int(host_port), container_port, proto, host_ip))
     hosts = [port.host_port for port in ports]
     if len(hosts) != len(set(hosts)):
         raise HttpError(400, "the same host port is published twice")

@@ -108,20 +108,26 @@ def _labels(detail: dict[str, Any]) -> dict[str, str]:
     return dict((detail.get("Config") or {}).get("Labels") or {})
 
 
-def port_allocated(*, name: str, container_id: str, port: int) -> HttpError:
+def _host_address(port: policy.PortBinding) -> str:
+    address = port.addresses[0]
+    return f"[{address}]:{port.host_port}" if ":" in address else f"{address}:{port.host_port}"
+
+
+def port_allocated(*, name: str, container_id: str, port: policy.PortBinding) -> HttpError:
     return HttpError(
         500,
         f"driver failed programming external connectivity on endpoint {name} ({container_id}): "
-        f"Bind for 0.0.0.0:{port} failed: port is already allocated",
+        f"Bind for {_host_address(port)} failed: port is already allocated",
     )
 
 
-def userland_proxy_failed(*, name: str, container_id: str, port: int) -> HttpError:
+def userland_proxy_failed(*, name: str, container_id: str, port: policy.PortBinding) -> HttpError:
     """Docker's answer when something outside docker already listens on the host port."""
+    family = "tcp6" if ":" in port.addresses[0] else "tcp4"
     return HttpError(
         500,
         f"driver failed programming external connectivity on endpoint {name} ({container_id}): "
-        f"Error starting userland proxy: listen tcp4 0.0.0.0:{port}: bind: address already in use",
+        f"Error starting userland proxy: listen {family} {_host_address(port)}: bind: address already in use",
     )
 
 
@@ -146,7 +152,7 @@ class PortForwards:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._again: set[int] = set()
         # Host ports that the forwarders the session's last sync made could not listen on, by container.
-        self.unbound: dict[int, dict[str, list[int]]] = {}
+        self.unbound: dict[int, dict[str, list[policy.PortBinding]]] = {}
 
     def lock(self, session_id: int) -> asyncio.Lock:
         """Held around a start that publishes ports and around every sync of the session."""
@@ -169,7 +175,7 @@ class PortForwards:
         name = namer.plain((container.get("Names") or ["/"])[0]).lstrip("/")
         for port in wanted:
             if port.host_port in taken:
-                raise port_allocated(name=name, container_id=container["Id"], port=port.host_port)
+                raise port_allocated(name=name, container_id=container["Id"], port=port)
         workstation = await self._workstation(record.session_id)
         if workstation is None:
             return
@@ -183,7 +189,7 @@ class PortForwards:
         held = await self._listening_in(workstation) - forwarded
         for port in wanted:
             if port.host_port in held:
-                raise userland_proxy_failed(name=name, container_id=container["Id"], port=port.host_port)
+                raise userland_proxy_failed(name=name, container_id=container["Id"], port=port)
 
     def check_started(self, record: SessionRecord, container: dict[str, Any], namer: Namer) -> None:
         """After a start and the sync that followed it, with the session's lock still held: refuse the start if
@@ -443,11 +449,11 @@ class PortForwards:
             return
         unbound = await self._unbound(forwarder_id, published)
         if unbound:
-            log.info("session %s: ports %s are held in the workstation", session_id, unbound)
+            log.info("session %s: ports %s are held in the workstation", session_id, policy.ports_label(unbound))
             self.unbound.setdefault(session_id, {})[published.container_id] = unbound
         log.info("session %s: forwarding %s", session_id, policy.ports_label(list(published.ports)))
 
-    async def _unbound(self, forwarder_id: str, published: Published) -> list[int]:
+    async def _unbound(self, forwarder_id: str, published: Published) -> list[policy.PortBinding]:
         """The host ports the forwarder could not listen on, read from what socat says as it starts: that it
         listens, or (exiting at once) that another listener holds the port. Unknown counts as bound."""
         wanted = {port.host_port for port in published.ports}
@@ -477,7 +483,7 @@ class PortForwards:
             log.warning("the forwarder %s did not say whether it listens on %s", forwarder_id, sorted(wanted))
         finally:
             stream.close()
-        return sorted(failed & wanted)
+        return [port for port in published.ports if port.host_port in failed]
 
     async def _remove(self, ref: str) -> None:
         response = await self.engine.call("DELETE", f"/containers/{q(ref)}", query={"force": "1", "v": "1"})

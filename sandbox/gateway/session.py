@@ -42,6 +42,17 @@ ROLE = "layercake.role"
 CATALOG = "layercake.catalog"
 IMAGE_LABEL = "layercake.image"
 PORTS_LABEL = "layercake.ports"
+# What docker's default bridge also shows at the top of a container's NetworkSettings.
+DEFAULT_NETWORK_FIELDS = (
+    "EndpointID",
+    "Gateway",
+    "GlobalIPv6Address",
+    "GlobalIPv6PrefixLen",
+    "IPAddress",
+    "IPPrefixLen",
+    "IPv6Gateway",
+    "MacAddress",
+)
 MB = 1024 * 1024
 VERSION_RE = re.compile(r"^/v(\d+)\.(\d+)(/.*)$")
 ANONYMOUS_VOLUME_RE = re.compile(r"[0-9a-f]{64}")
@@ -651,10 +662,28 @@ class StudentGateway:
                 p for p in container.get("Ports") or [] if (p.get("PrivatePort"), p.get("Type")) not in published
             ]
             container["Ports"] = kept + [
-                {"IP": "0.0.0.0", "PrivatePort": p.container_port, "PublicPort": p.host_port, "Type": p.proto}
+                {"IP": address, "PrivatePort": p.container_port, "PublicPort": p.host_port, "Type": p.proto}
                 for p in ports
+                for address in p.addresses
             ]
+        self._as_default_network(container)
         return container
+
+    def _as_default_network(self, container: dict[str, Any]) -> None:
+        """The student's network is the one their containers join when they name none, so it is shown as
+        docker's default network is on their own machine: named bridge, the container's address also at the
+        top of NetworkSettings (where `docker inspect -f '{{.NetworkSettings.IPAddress}}'` looks)."""
+        host = container.get("HostConfig") or {}
+        if host.get("NetworkMode") == self.network:
+            host["NetworkMode"] = "bridge"
+        settings = container.get("NetworkSettings") or {}
+        networks = settings.get("Networks") or {}
+        if self.network not in networks:
+            return
+        networks["bridge"] = endpoint = networks.pop(self.network)
+        if "IPAddress" in settings:
+            for key in DEFAULT_NETWORK_FIELDS:
+                settings[key] = endpoint.get(key, settings.get(key))
 
     # Endpoints: the daemon.
 
@@ -1079,13 +1108,18 @@ class StudentGateway:
             detail["Config"]["Image"] = labels[IMAGE_LABEL]
         ports = policy.parse_ports_label(labels.get(PORTS_LABEL, ""))
         if ports:
-            bindings = {p.key: [{"HostIp": "", "HostPort": str(p.host_port)}] for p in ports}
+            bindings: dict[str, list[dict[str, str]]] = {}
+            for p in ports:
+                bindings.setdefault(p.key, []).append({"HostIp": p.host_ip, "HostPort": str(p.host_port)})
             detail["HostConfig"]["PortBindings"] = bindings
             if (detail.get("State") or {}).get("Running"):
                 settings_ports = detail.setdefault("NetworkSettings", {}).get("Ports") or {}
+                for key in bindings:
+                    settings_ports[key] = []
                 for p in ports:
-                    settings_ports[p.key] = [{"HostIp": "0.0.0.0", "HostPort": str(p.host_port)}]
+                    settings_ports[p.key] += [{"HostIp": a, "HostPort": str(p.host_port)} for a in p.addresses]
                 detail["NetworkSettings"]["Ports"] = settings_ports
+        self._as_default_network(detail)
         detail["Config"]["Labels"] = strip_labels(labels)
         await side.respond(200, self.namer.unmask(json.dumps(detail)).encode() + b"\n")
 
@@ -2054,7 +2088,8 @@ class StudentGateway:
 
     def _network_view(self, network: dict[str, Any]) -> dict[str, Any]:
         """The session's network with only the student's own containers on it (not the workstation's or the
-        port forwarders' addresses)."""
+        port forwarders' addresses), named as docker's default network is."""
+        network["Name"] = "bridge"
         network["Labels"] = strip_labels(network.get("Labels"))
         containers = network.get("Containers") or {}
         network["Containers"] = {
@@ -2069,7 +2104,7 @@ class StudentGateway:
         if response.status != 200:
             raise not_found_network(ref)
         network = response.json()
-        if ref not in (network.get("Name"), network.get("Id")) and not (
+        if ref not in ("bridge", network.get("Name"), network.get("Id")) and not (
             len(ref) >= 1 and re.fullmatch(r"[a-f0-9]+", ref) and network.get("Id", "").startswith(ref)
         ):
             raise not_found_network(ref)

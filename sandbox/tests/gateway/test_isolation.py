@@ -59,7 +59,10 @@ def test_two_students_same_names_no_crossing(
     assert bob.call("GET", f"/exec/{exec_id}/json").status == 404
     assert bob.call("POST", f"/exec/{exec_id}/start", {"Detach": True}).status == 404
     assert bob.call("GET", f"/networks/{alice.network}").status == 404
-    assert [n["Name"] for n in bob.call("GET", "/networks").json()] == [bob.network]
+    # Each sees their own network as docker's default one, named bridge.
+    bob_network = engine.inspect_network(bob.network)["Id"]
+    assert [(n["Name"], n["Id"]) for n in bob.call("GET", "/networks").json()] == [("bridge", bob_network)]
+    assert bob.call("GET", "/networks/bridge").json()["Id"] == bob_network
     assert bob.call("GET", f"/volumes/{prefix}-data").status == 404
     assert bob.call("DELETE", f"/volumes/{prefix}-data").status == 404
     assert [v["Name"] for v in bob.call("GET", "/volumes").json()["Volumes"]] == ["data"]

@@ -112,8 +112,29 @@ def test_a_published_port_answers_in_the_workstation_and_nowhere_on_the_host(
     assert events[0] == 0 and set(events[1].split()) == {web_id}, events
     code, output = curl_in_workstation(sandbox, port)
     assert code == 0 and output.strip() == "hello-from-web", output
-    ps = sandbox.workstation.docker("docker ps --format '{{.Names}} {{.Ports}}'")
-    assert ps == (0, f"web 0.0.0.0:{port}->80/tcp\n")
+    ps = sandbox.workstation.docker("docker ps --format '{{.Names}} {{.Ports}} {{.Networks}}'")
+    assert ps == (0, f"web 0.0.0.0:{port}->80/tcp, :::{port}->80/tcp bridge\n")
+    assert sandbox.workstation.docker("docker port web") == (
+        0,
+        f"80/tcp -> 0.0.0.0:{port}\n80/tcp -> [::]:{port}\n",
+    )
+    # As on the student's own machine, the container's address is where `docker inspect` shows it on the
+    # default network, and the shell reaches it there.
+    shown = sandbox.workstation.docker(
+        "docker inspect -f '{{.HostConfig.NetworkMode}} {{.NetworkSettings.IPAddress}} "
+        "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}{{end}}' web"
+    )
+    assert shown == (0, f"bridge {sandbox.address_of(sandbox.engine_name('web'))} bridge\n"), shown
+    code, output = sandbox.workstation.docker(
+        "curl -sS --max-time 5 $(docker inspect -f '{{.NetworkSettings.IPAddress}}' web):80/"
+    )
+    assert code == 0 and output.strip() == "hello-from-web", output
+    networks = sandbox.workstation.docker("docker network ls --format '{{.Name}} {{.Driver}}'")
+    assert networks == (0, "bridge bridge\n"), networks
+    code, output = sandbox.workstation.docker(
+        "docker network inspect -f '{{range .Containers}}{{.Name}}{{end}}' bridge"
+    )
+    assert (code, output) == (0, "web\n"), output
     assert not _listening_on_host(port) and not _host_connects(port)
     assert not engine.inspect_container(sandbox.engine_name("web"))["HostConfig"].get("PortBindings")
     # The workstation and the forwarder share the session's labels, yet are none of the student's business.
@@ -136,7 +157,11 @@ def test_a_published_port_answers_in_the_workstation_and_nowhere_on_the_host(
     code, output = sandbox.workstation.docker("docker commit web snap && docker run -d --name child snap sleep 60")
     assert code == 0, output
     listed = sandbox.workstation.docker("docker ps -a --format '{{.Names}}|{{.State}}|{{.Ports}}'")[1]
-    assert listed.splitlines() == ["child|running|", "web2|created|", f"web|running|0.0.0.0:{port}->80/tcp"]
+    assert listed.splitlines() == [
+        "child|running|",
+        "web2|created|",
+        f"web|running|0.0.0.0:{port}->80/tcp, :::{port}->80/tcp",
+    ]
     assert sandbox.workstation.docker("docker rm -f child")[0] == 0
 
     assert sandbox.workstation.docker("docker stop -t 0 web")[0] == 0
@@ -150,6 +175,22 @@ def test_a_published_port_answers_in_the_workstation_and_nowhere_on_the_host(
     assert sandbox.workstation.docker(f"curl -sS --max-time 2 localhost:{port}/")[0] == 7
     assert forwarders(engine, sandbox, all_states=True) == []
     assert published_record(sandbox) == []
+    assert not _listening_on_host(port) and not _host_connects(port)
+
+    # Published on one address, as typed: docker shows that address alone, and it answers in the shell.
+    page = "mkdir -p /www && echo local > /www/index.html && exec httpd -f -p 80 -h /www"
+    code, output = sandbox.workstation.docker(
+        f"docker run -d --name local -p 127.0.0.1:{port}:80 busybox sh -c '{page}'"
+    )
+    assert code == 0, output
+    assert curl_in_workstation(sandbox, port)[1].strip() == "local"
+    ps = sandbox.workstation.docker("docker ps --format '{{.Names}} {{.Ports}}'")
+    assert ps == (0, f"local 127.0.0.1:{port}->80/tcp\n"), ps
+    bindings = sandbox.workstation.docker("docker inspect -f '{{json .HostConfig.PortBindings}}' local")
+    assert json.loads(bindings[1]) == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}, bindings
+    code, output = sandbox.workstation.docker(f"docker run -d -p 127.0.0.1:{port}:80 busybox true")
+    assert code == 125 and f"Bind for 127.0.0.1:{port} failed: port is already allocated" in output, output
+    assert sandbox.workstation.docker("docker rm -f local")[0] == 0
     assert not _listening_on_host(port) and not _host_connects(port)
 
 
