@@ -27,7 +27,8 @@ with a message saying that the feature is not available in the sandbox. For the 
   they would be resolved after this check (ADD in JSON form is read as the engine decodes it, and JSON
   escapes there are refused). The Dockerfile (at most 256 KB) is read as the engine's parser reads it, in
   linear time, and what its versions could read two ways is refused. Compressed contexts are expanded
-  within the context limit; a context with a path through a symbolic link is refused.
+  within the context limit; a context with a path through a symbolic link (or a hard link, which may be one)
+  is refused.
 * Commits take only the instructions docker allows minus ONBUILD, and never a label in layercake's space
   (also not behind quotes or escapes).
 * Labels: an image or container carries at most 16 KB of the student's (its image's included), and one
@@ -1253,11 +1254,13 @@ def build_context_dockerfile(context: bytes, dockerfile: str, *, limit: int) -> 
     with archive:
         members = {posixpath.normpath(m.name).lstrip("/"): m for m in archive.getmembers()}
         # The engine unpacks the context before reading the Dockerfile; a path through a symbolic link would
-        # let a later member replace the Dockerfile checked here.
-        symlinks = {name for name, member in members.items() if member.issym()}
+        # let a later member replace the Dockerfile checked here. A name is a link if any member of that name is
+        # one (the engine unpacks them in order, and a later member of the name may be a file), and a hard link
+        # to a symbolic link is another symbolic link once unpacked.
+        links = {posixpath.normpath(m.name).lstrip("/") for m in archive.getmembers() if m.issym() or m.islnk()}
         for name in members:
             parts = name.split("/")
-            if any("/".join(parts[:end]) in symlinks for end in range(1, len(parts))):
+            if any("/".join(parts[:end]) in links for end in range(1, len(parts))):
                 raise Refused(f"the build context holds a path through a symbolic link ({name}); copy the files")
         candidates = [wanted] if dockerfile else ["Dockerfile", "dockerfile"]
         for name in candidates:
