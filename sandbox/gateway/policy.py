@@ -34,7 +34,9 @@ with a message saying that the feature is not available in the sandbox. For the 
 * Labels: an image or container carries at most 16 KB of the student's (its image's included), and one
   sandbox's images 256 KB in all, since every student's docker reads the engine's whole list of images.
 * What the engine keeps for everyone stays small: an exec instance takes 16 KB of command and environment
-  (and a container has 32 unfinished ones at most), a container 16 volumes; images are weighed in session.py.
+  (and a container has 32 unfinished ones at most), a container 16 volumes and an image as many (its base's
+  included); what variables and EXPOSE ranges add to an image's configuration beyond
+  the Dockerfile's (or --change's) text is bounded, and images are weighed in session.py.
 * Healthchecks, of a created container or in a Dockerfile, run at most once a second, with no option the
   policy does not know.
 * Filters are read as docker reads them; name filters are RE2 expressions, as Go's are.
@@ -827,6 +829,13 @@ def changes_label_size(changes: list[str]) -> int:
     return _label_text_size(parse_dockerfile("\n".join(changes)).instructions) if changes else 0
 
 
+def changes_growth(changes: list[str], config: dict[str, Any]) -> int:
+    """What checked --change lines add to the configuration of a container's image (`configuration_growth`)."""
+    return (
+        configuration_growth(parse_dockerfile("\n".join(changes)).instructions, bases=[config]) if changes else 0
+    )
+
+
 # Builds.
 #
 # The engine reads a Dockerfile with its own Go parser. The checks below read it as that parser does, step for
@@ -1186,6 +1195,73 @@ def dockerfile_rewrite(plan: DockerfilePlan, resolved: Callable[[str], str]) -> 
             flags.append(f"--{name}={resolved(image) if name == 'from' else value}")
         replacements[position] = " ".join([instruction.word, *flags, instruction.args])
     return plan.dockerfile.rewrite(replacements)
+
+
+# The builder replaces each variable an instruction names by its value (in ENV, ARG, EXPOSE, VOLUME, WORKDIR, USER
+# and the others a shell does not read), and ENV and ARG values become variables in turn: a few lines that each
+# name the last variable ten times made a 1 KB Dockerfile into a 2 MB configuration in minutes of the engine's
+# time, and each line more makes ten times as much, of the memory the engine keeps for every image. An EXPOSE
+# range is a port each in the configuration. Both are bounded by what they could make at most.
+CONFIGURATION_GROWTH_MAX = DOCKERFILE_MAX
+# What a variable that the instructions do not set may hold: the base image's, a build argument, or what the
+# builder sets itself (PATH, HOME).
+BUILDER_VARIABLE_BYTES = 256
+UNEXPANDED_INSTRUCTIONS = frozenset(["RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK", "SHELL", "MAINTAINER"])
+EXPOSED_PORT_BYTES = 16
+PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
+
+
+def _volume_count(args: str) -> int:
+    """VOLUME's paths, as many as either of the engine's readings (a JSON array, or words) could make."""
+    words = len(args.split())
+    try:
+        decoded = json.loads(args) if args.startswith("[") else None
+    except ValueError:
+        decoded = None
+    return max(words, len(decoded) if isinstance(decoded, list) else 0)
+
+
+def _exposed_ports(args: str) -> int:
+    ports = 0
+    for word in args.split():
+        if "$" in word:
+            return 65535
+        span = PORT_RANGE_RE.match(word)
+        ports += max(int(span.group(2)) - int(span.group(1)) + 1, 1) if span else 1
+    return ports
+
+
+def configuration_growth(instructions: list[Instruction], *, bases: list[dict[str, Any]], outside: int = 0) -> int:
+    """At most how many bytes the instructions add to an image's configuration beyond their own text, on the
+    given base configurations (and with variables from outside, build arguments, of at most `outside` bytes):
+    each `$` is taken to name the largest variable there could be. Refused past the sandbox's bounds, as are
+    more volumes than a container may have."""
+    volumes = max((len(base.get("Volumes") or {}) for base in bases), default=0)
+    largest = max(
+        [outside, BUILDER_VARIABLE_BYTES, *(len(str(e)) for base in bases for e in base.get("Env") or [])]
+    )
+    growth = 0
+    for instruction in instructions:
+        if instruction.word == "VOLUME":
+            volumes += _volume_count(instruction.args)
+        if instruction.word == "EXPOSE":
+            growth += EXPOSED_PORT_BYTES * _exposed_ports(instruction.args)
+        if instruction.word not in UNEXPANDED_INSTRUCTIONS:
+            named = largest * sum(text.count("$") for text in (*instruction.flags, instruction.args))
+            growth += named
+            if instruction.word in ("ENV", "ARG"):
+                largest = max(largest, len(instruction.args) + named)
+        if growth > CONFIGURATION_GROWTH_MAX:
+            raise Refused(
+                f"the variables and EXPOSE ranges of a Dockerfile (or of --change) may add at most "
+                f"{CONFIGURATION_GROWTH_MAX // 1024} KB to its image's configuration in the sandbox: name "
+                "variables fewer times, or expose fewer ports"
+            )
+    if volumes > MAX_CONTAINER_VOLUMES:
+        raise Refused(
+            f"an image in the sandbox may have at most {MAX_CONTAINER_VOLUMES} volumes (its base's included)"
+        )
+    return growth
 
 
 @dataclass

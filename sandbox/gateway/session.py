@@ -1803,6 +1803,7 @@ class StudentGateway:
         detail = await self.engine.json("GET", f"/containers/{container['Id']}/json")
         added = 2 * len(json.dumps(detail.get("Config"))) + sum(len(change) for change in changes)
         added += len(request.arg("comment")) + len(request.arg("author"))
+        added += 2 * policy.changes_growth(changes, detail.get("Config") or {})
         await self._refuse_heavy_image(views, bases=[str(detail.get("Image", ""))], steps=1, added=added)
         for key in ("comment", "author"):
             if request.arg(key):
@@ -1881,6 +1882,11 @@ class StudentGateway:
         added = 3 * len(context.dockerfile_text.encode()) + runs * len(request.arg("buildargs"))
         added += len(json.dumps(labels))
         bases = [self._find_image(views, image).id for image in plan.images.values()]
+        configs = [(await self.engine.json("GET", f"/images/{base}/json")).get("Config") or {} for base in bases]
+        growth = policy.configuration_growth(
+            plan.dockerfile.instructions, bases=configs, outside=len(request.arg("buildargs"))
+        )
+        added += 3 * growth
         await self._refuse_heavy_image(
             views, bases=bases, steps=len(plan.dockerfile.instructions) + len(labels), added=added
         )

@@ -2,11 +2,15 @@
 engine keep far more than the student sent."""
 
 import io
+import json
 import tarfile
 from typing import Any
+from urllib.parse import quote
 
 import docker
 import pytest
+
+from sandbox.gateway.policy import MAX_CONTAINER_VOLUMES
 
 from .conftest import StudentSession, owned_objects
 
@@ -58,3 +62,70 @@ def test_a_dockerfile_replaced_through_a_link_is_refused(
     assert answer.status == 403 and "symbolic link" in answer.message, answer.body
     assert b"alice" not in answer.body
     assert owned_objects(engine, bob)["images"] == []
+
+
+def _named(name: str, times: int = 10) -> str:
+    return "".join(f"${{{name}}}" for _ in range(times))
+
+
+# A few hundred bytes each, that the engine would make into hundreds of kilobytes of every step's configuration
+# (and, a line more, ten times as much, in minutes of the engine's time).
+MULTIPLYING = {
+    "ENV naming ENV": f"ENV a={'x' * 1000}\nENV b={_named('a')}\nENV c={_named('b')}\nENV d={_named('c', 3)}\n",
+    "ARG naming ARG": f"ARG a={'x' * 1000}\nARG b={_named('a')}\nARG c={_named('b')}\nENV d={_named('c', 3)}\n",
+    "EXPOSE range": "EXPOSE 1-65535\n",
+}
+
+
+@pytest.mark.parametrize("lines", MULTIPLYING.values(), ids=list(MULTIPLYING))
+def test_variables_and_port_ranges_cannot_multiply_an_images_configuration(
+    student: StudentSession, curated_image: str, engine: docker.APIClient, lines: str
+) -> None:
+    answer = student.build(f"FROM {curated_image}\n{lines}", tag="grown")
+    assert answer.status == 403 and "may add at most 256 KB" in answer.message, answer.body
+    assert owned_objects(engine, student)["images"] == []
+    # As lessons use them, variables are as docker has them.
+    usual = "ARG APP=/app\nENV PATH=$PATH:$APP/bin HOME=$APP\nWORKDIR $HOME\nEXPOSE 8000-8010\nRUN echo $PATH\n"
+    built = student.build(f"FROM {curated_image}\n{usual}", tag="usual")
+    assert built.status == 200 and b"Successfully built" in built.body, built.body
+    config = student.call("GET", "/v1.41/images/usual/json").json()["Config"]
+    assert config["WorkingDir"] == "/app" and "PATH=/bin:/app/bin" in config["Env"], config
+
+
+def test_a_commit_cannot_multiply_its_containers_variables(student: StudentSession, curated_image: str) -> None:
+    # 100 KB of environment (a create body holds 1 MB) and a change of 200 bytes: a 4 MB configuration.
+    created = student.call(
+        "POST", "/v1.41/containers/create?name=src", {"Image": curated_image, "Env": ["A=" + "a" * 100_000]}
+    )
+    assert created.status == 201, created.body
+    change = quote("ENV B=" + "$A" * 40)
+    refused = student.call("POST", f"/v1.41/commit?container=src&repo=grown&changes={change}")
+    assert refused.status == 403 and "may add at most 256 KB" in refused.message, refused.body
+    assert student.call("GET", "/v1.41/images/grown/json").status == 404
+    kept = student.call("POST", f"/v1.41/commit?container=src&repo=kept&changes={quote('ENV B=$A')}")
+    assert kept.status == 201, kept.body
+
+
+def test_an_image_has_no_more_volumes_than_a_container_may_have(
+    student: StudentSession, curated_image: str, engine: docker.APIClient
+) -> None:
+    # Each step of a build is a container the engine makes with the image's volumes, one directory each on its
+    # disk, listed for every student while it lasts: one VOLUME line could name thousands.
+    paths = [f"/v{index}" for index in range(MAX_CONTAINER_VOLUMES + 1)]
+    answer = student.build(f"FROM {curated_image}\nVOLUME {' '.join(paths)}\nRUN true\n", tag="volumes")
+    assert answer.status == 403 and f"at most {MAX_CONTAINER_VOLUMES} volumes" in answer.message, answer.body
+    as_json = student.build(f"FROM {curated_image}\nVOLUME {json.dumps(paths)}\n", tag="volumes")
+    assert as_json.status == 403, as_json.body
+    assert owned_objects(engine, student)["images"] == []
+
+    # A commit's volumes count too, and are counted again when a build starts from its image.
+    created = student.call("POST", "/v1.41/containers/create?name=src", {"Image": curated_image})
+    assert created.status == 201, created.body
+    many = quote(f"VOLUME {' '.join(paths)}")
+    refused = student.call("POST", f"/v1.41/commit?container=src&repo=many&changes={many}")
+    assert refused.status == 403 and "volumes" in refused.message, refused.body
+    half = quote(f"VOLUME {' '.join(paths[: MAX_CONTAINER_VOLUMES // 2 + 1])}")
+    committed = student.call("POST", f"/v1.41/commit?container=src&repo=half&changes={half}")
+    assert committed.status == 201, committed.body
+    on_top = student.build(f"FROM half\nVOLUME {' '.join(paths[MAX_CONTAINER_VOLUMES // 2 :])}\n", tag="more")
+    assert on_top.status == 403 and "volumes" in on_top.message, on_top.body
