@@ -35,7 +35,7 @@ with a message saying that the feature is not available in the sandbox. For the 
   sandbox's images 256 KB in all, since every student's docker reads the engine's whole list of images.
 * What the engine keeps for everyone stays small: an exec instance takes 16 KB of command and environment
   (and a container has 32 unfinished ones at most), a container 16 volumes and an image as many (its base's
-  included); what variables and EXPOSE ranges add to an image's configuration beyond
+  included), a volume 16 KB of labels; what variables and EXPOSE ranges add to an image's configuration beyond
   the Dockerfile's (or --change's) text is bounded, and images are weighed in session.py.
 * Healthchecks, of a created container or in a Dockerfile, run at most once a second, with no option the
   policy does not know.
@@ -763,6 +763,10 @@ def volume_create_body(body: Any) -> tuple[str, dict[str, str]]:
         raise not_available(f"the volume driver {driver}")
     spec.deny("DriverOpts", "volume driver options (--opt)")
     labels = student_labels(spec.take("Labels"))
+    # The engine keeps every volume's labels in its memory, and in its one answer to docker system df, which the
+    # gateway reads for every student's (see `session.DiskUsage`).
+    if labels_size(labels) > LABELS_MAX:
+        raise Refused(f"a volume in the sandbox may carry at most {LABELS_MAX // 1024} KB of labels")
     spec.take("ClusterVolumeSpec")
     spec.finish()
     return name, labels

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import docker
 import pytest
 
-from sandbox.gateway.policy import MAX_CONTAINER_VOLUMES
+from sandbox.gateway.policy import LABELS_MAX, MAX_CONTAINER_VOLUMES
 
 from .conftest import StudentSession, owned_objects
 
@@ -129,3 +129,15 @@ def test_an_image_has_no_more_volumes_than_a_container_may_have(
     assert committed.status == 201, committed.body
     on_top = student.build(f"FROM half\nVOLUME {' '.join(paths[MAX_CONTAINER_VOLUMES // 2 :])}\n", tag="more")
     assert on_top.status == 403 and "volumes" in on_top.message, on_top.body
+
+
+def test_a_volume_carries_a_bounded_amount_of_labels(student: StudentSession, engine: docker.APIClient) -> None:
+    # The engine keeps every volume's labels in its memory and in its one answer to docker system df: fifty
+    # volumes of 1 MB of labels each were 50 MB of it, and two such sandboxes made that answer too large to read.
+    labels = {f"k{index}": "x" * 1000 for index in range(LABELS_MAX // 1000 + 1)}
+    refused = student.call("POST", "/v1.41/volumes/create", {"Name": "big", "Labels": labels})
+    assert refused.status == 403 and "labels" in refused.message, refused.body
+    assert owned_objects(engine, student)["volumes"] == []
+    small = student.call("POST", "/v1.41/volumes/create", {"Name": "small", "Labels": {"lesson": "volumes"}})
+    assert small.status == 201, small.body
+    assert small.json()["Labels"] == {"lesson": "volumes"}
