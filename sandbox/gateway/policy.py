@@ -34,7 +34,7 @@ with a message saying that the feature is not available in the sandbox. For the 
 * Labels: an image or container carries at most 16 KB of the student's (its image's included), and one
   sandbox's images 256 KB in all, since every student's docker reads the engine's whole list of images.
 * What the engine keeps for everyone stays small: an exec instance takes 16 KB of command and environment
-  (and a container has 32 unfinished ones at most), a container 16 volumes and an image as many (its base's
+  (and a container has 32 unfinished ones at most), a container 16 volumes and an image 64 (its base's
   included), a volume 16 KB of labels; what variables and EXPOSE ranges add to an image's configuration beyond
   the Dockerfile's (or --change's) text is bounded, and images are weighed in session.py.
 * Healthchecks, of a created container or in a Dockerfile, run at most once a second, with no option the
@@ -259,6 +259,9 @@ def parse_ports_label(value: str) -> list[PortBinding]:
 # Each volume a container has, its image's anonymous ones included, is a directory the engine keeps and lists
 # for every student's docker volume ls; a create body could name tens of thousands.
 MAX_CONTAINER_VOLUMES = 16
+# Each step of a build is a container of its image's volumes so far, made and removed: an image may name more than
+# a container may have (such an image cannot be run), within reason.
+MAX_IMAGE_VOLUMES = 4 * MAX_CONTAINER_VOLUMES
 
 
 @dataclass
@@ -1239,7 +1242,7 @@ def configuration_growth(instructions: list[Instruction], *, bases: list[dict[st
     """At most how many bytes the instructions add to an image's configuration beyond their own text, on the
     given base configurations (and with variables from outside, build arguments, of at most `outside` bytes):
     each `$` is taken to name the largest variable there could be. Refused past the sandbox's bounds, as are
-    more volumes than a container may have."""
+    more volumes than an image may have (`MAX_IMAGE_VOLUMES`)."""
     volumes = max((len(base.get("Volumes") or {}) for base in bases), default=0)
     largest = max(
         [outside, BUILDER_VARIABLE_BYTES, *(len(str(e)) for base in bases for e in base.get("Env") or [])]
@@ -1261,9 +1264,9 @@ def configuration_growth(instructions: list[Instruction], *, bases: list[dict[st
                 f"{CONFIGURATION_GROWTH_MAX // 1024} KB to its image's configuration in the sandbox: name "
                 "variables fewer times, or expose fewer ports"
             )
-    if volumes > MAX_CONTAINER_VOLUMES:
+    if volumes > MAX_IMAGE_VOLUMES:
         raise Refused(
-            f"an image in the sandbox may have at most {MAX_CONTAINER_VOLUMES} volumes (its base's included)"
+            f"an image in the sandbox may have at most {MAX_IMAGE_VOLUMES} volumes (its base's included)"
         )
     return growth
 

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import docker
 import pytest
 
-from sandbox.gateway.policy import LABELS_MAX, MAX_CONTAINER_VOLUMES
+from sandbox.gateway.policy import LABELS_MAX, MAX_IMAGE_VOLUMES
 
 from .conftest import StudentSession, owned_objects
 
@@ -106,14 +106,14 @@ def test_a_commit_cannot_multiply_its_containers_variables(student: StudentSessi
     assert kept.status == 201, kept.body
 
 
-def test_an_image_has_no_more_volumes_than_a_container_may_have(
+def test_an_image_has_a_bounded_number_of_volumes(
     student: StudentSession, curated_image: str, engine: docker.APIClient
 ) -> None:
     # Each step of a build is a container the engine makes with the image's volumes, one directory each on its
     # disk, listed for every student while it lasts: one VOLUME line could name thousands.
-    paths = [f"/v{index}" for index in range(MAX_CONTAINER_VOLUMES + 1)]
+    paths = [f"/v{index}" for index in range(MAX_IMAGE_VOLUMES + 1)]
     answer = student.build(f"FROM {curated_image}\nVOLUME {' '.join(paths)}\nRUN true\n", tag="volumes")
-    assert answer.status == 403 and f"at most {MAX_CONTAINER_VOLUMES} volumes" in answer.message, answer.body
+    assert answer.status == 403 and f"at most {MAX_IMAGE_VOLUMES} volumes" in answer.message, answer.body
     as_json = student.build(f"FROM {curated_image}\nVOLUME {json.dumps(paths)}\n", tag="volumes")
     assert as_json.status == 403, as_json.body
     assert owned_objects(engine, student)["images"] == []
@@ -124,10 +124,10 @@ def test_an_image_has_no_more_volumes_than_a_container_may_have(
     many = quote(f"VOLUME {' '.join(paths)}")
     refused = student.call("POST", f"/v1.41/commit?container=src&repo=many&changes={many}")
     assert refused.status == 403 and "volumes" in refused.message, refused.body
-    half = quote(f"VOLUME {' '.join(paths[: MAX_CONTAINER_VOLUMES // 2 + 1])}")
+    half = quote(f"VOLUME {' '.join(paths[: MAX_IMAGE_VOLUMES // 2 + 1])}")
     committed = student.call("POST", f"/v1.41/commit?container=src&repo=half&changes={half}")
     assert committed.status == 201, committed.body
-    on_top = student.build(f"FROM half\nVOLUME {' '.join(paths[MAX_CONTAINER_VOLUMES // 2 :])}\n", tag="more")
+    on_top = student.build(f"FROM half\nVOLUME {' '.join(paths[MAX_IMAGE_VOLUMES // 2 :])}\n", tag="more")
     assert on_top.status == 403 and "volumes" in on_top.message, on_top.body
 
 
