@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import protocol, services
+from . import protocol, services, terminal
 from .backends.base import SandboxError
 from .models import Sandbox, SandboxState
 from .owners import owner_key_for_scope
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
 ENDED_STATES = {SandboxState.ENDED, SandboxState.FAILED, SandboxState.STOPPING}
+# Why the relay let a browser go, as the browser is told it.
+LET_GO = {"elsewhere": protocol.CLOSE_ELSEWHERE, "slow": protocol.CLOSE_SLOW}
 
 
 @database_sync_to_async
@@ -48,6 +50,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.sandbox = None
         self.relay = None
         self.hello = None
+        # Set once this websocket is closing: it takes no part in the terminal any more, even while a browser
+        # that does not read keeps its socket open.
+        self.closing_code: int | None = None
         self.size: protocol.Resize | None = None
         self.last_touch = 0.0
         self.max_frame = settings.TERMINAL_MAX_FRAME_BYTES
@@ -58,7 +63,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self.accept()
         if sandbox is None:
             # Someone else's sandbox and one that does not exist look the same.
-            await self.close(code=protocol.CLOSE_FORBIDDEN)
+            await self._close(protocol.CLOSE_FORBIDDEN)
             return
         self.sandbox = sandbox
         self.group = services.sandbox_group(sandbox.pk)
@@ -67,7 +72,37 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     def _hello_overdue(self) -> None:
         if self.hello is None:
-            self.closing = asyncio.ensure_future(self.close(code=protocol.CLOSE_PROTOCOL))
+            self._close_soon(protocol.CLOSE_PROTOCOL)
+
+    def _close_soon(self, code: int) -> None:
+        """Close without waiting for it, from where waiting on the browser's socket would hold others up."""
+        if self.closing_code is None:
+            self.closing = asyncio.ensure_future(self._close(code))
+
+    async def _close(self, code: int) -> None:
+        """Leave the terminal, then close the websocket. The close frame goes out after what the socket still
+        holds, so this returns only once a browser that does not read has read it, or is gone."""
+        if self.closing_code is not None:
+            return
+        self.closing_code = code
+        if self.relay is not None:
+            self.relay.detach(self)
+            self.relay = None
+        try:
+            await self.close(code=code)
+        except Exception:
+            log.info("terminal: a websocket went away before it could be closed", exc_info=True)
+
+    async def _send(self, frame: bytes) -> bool:
+        """Send a frame of the consumer's own; a browser whose socket takes none for STALL_TIMEOUT is let go."""
+        try:
+            async with asyncio.timeout(terminal.STALL_TIMEOUT):
+                await self.send(bytes_data=frame)
+        except TimeoutError:
+            log.info("terminal: a browser took no frame for %s s; letting it go", terminal.STALL_TIMEOUT)
+            self._close_soon(protocol.CLOSE_SLOW)
+            return False
+        return True
 
     async def disconnect(self, code: int) -> None:
         if self.hello_timer is not None:
@@ -79,16 +114,16 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             self.relay = None
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.sandbox is None:
+        if self.sandbox is None or self.closing_code is not None:
             return
         if bytes_data is None:
-            await self.close(code=protocol.CLOSE_PROTOCOL)
+            await self._close(protocol.CLOSE_PROTOCOL)
             return
         try:
             frame = protocol.parse_client_frame(bytes_data, max_bytes=self.max_frame)
         except protocol.ProtocolError as exc:
             log.info("terminal %s: closing on a bad frame: %s", self.sandbox.pk, exc)
-            await self.close(code=protocol.CLOSE_PROTOCOL)
+            await self._close(protocol.CLOSE_PROTOCOL)
             return
         if isinstance(frame, protocol.Hello):
             if self.hello is None:
@@ -96,7 +131,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                 await self._send_state(await _refresh(self.sandbox))
             return
         if self.hello is None:
-            await self.close(code=protocol.CLOSE_PROTOCOL)
+            await self._close(protocol.CLOSE_PROTOCOL)
             return
         if isinstance(frame, protocol.Input):
             if self.relay is not None and frame.data:
@@ -118,14 +153,15 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await _touch(sandbox_id=self.sandbox.pk)
 
     async def _send_state(self, sandbox: Sandbox) -> None:
-        await self.send(
-            bytes_data=protocol.status_frame(sandbox.state, sandbox.end_reason, await _message(sandbox=sandbox))
+        message = await _message(sandbox=sandbox)
+        told = self.closing_code is None and await self._send(
+            protocol.status_frame(sandbox.state, sandbox.end_reason, message)
         )
-        if sandbox.state == SandboxState.READY and self.relay is None:
-            await self._attach(sandbox)
-        elif sandbox.state in ENDED_STATES:
+        if sandbox.state in ENDED_STATES:
             await terminal_close(sandbox_id=sandbox.pk)
-            await self.close(code=protocol.CLOSE_ENDED)
+            await self._close(protocol.CLOSE_ENDED)
+        elif told and sandbox.state == SandboxState.READY and self.relay is None:
+            await self._attach(sandbox)
 
     async def _attach(self, sandbox: Sandbox) -> None:
         assert self.hello is not None
@@ -145,12 +181,14 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         except SandboxError:
             log.warning("terminal %s: cannot attach", sandbox_id, exc_info=True)
             await _shell_gone(sandbox_id=sandbox_id)
-            await self.close(code=protocol.CLOSE_UNAVAILABLE)
+            await self._close(protocol.CLOSE_UNAVAILABLE)
+            return
+        if self.closing_code is not None:
             return
         self.relay = relay
         if self.size is not None:
             relay.resize(cols=self.size.cols, rows=self.size.rows, anew=True)
-        await relay.attach(self, has_screen=self.hello.has_screen, offset=self.hello.offset)
+        relay.attach(self, has_screen=self.hello.has_screen, offset=self.hello.offset)
 
     # The relay's side.
     async def send_output(self, *, offset: int, data: bytes) -> None:
@@ -161,8 +199,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def detached(self, *, reason: str) -> None:
         self.relay = None
-        if reason == "elsewhere":
-            await self.close(code=protocol.CLOSE_ELSEWHERE)
+        if reason in LET_GO:
+            await self._close(LET_GO[reason])
             return
         # The stream to the shell broke. If the sandbox ended, say why; if it lives on, the browser
         # reconnects and gets a fresh stream.
@@ -171,11 +209,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if sandbox.state in ENDED_STATES:
             await self._send_state(sandbox)
         else:
-            await self.close(code=protocol.CLOSE_UNAVAILABLE)
+            await self._close(protocol.CLOSE_UNAVAILABLE)
 
     # The channel layer's side.
     async def sandbox_status(self, event: dict[str, Any]) -> None:
-        if self.sandbox is None or self.hello is None:
+        if self.sandbox is None or self.hello is None or self.closing_code is not None:
             return
         self.sandbox = await _refresh(self.sandbox)
         await self._send_state(self.sandbox)

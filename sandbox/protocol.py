@@ -41,6 +41,8 @@ CLOSE_PROTOCOL = 4400
 CLOSE_ELSEWHERE = 4409
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+# The browser made no progress for a while (see terminal.STALL_TIMEOUT): it reconnects to carry on from its screen.
+CLOSE_SLOW = 4408
 CLOSE_UNAVAILABLE = 4503
 
 _HELLO = struct.Struct(">BQ")

@@ -15,6 +15,7 @@ export const CLOSE_ENDED = 4000;
 export const CLOSE_PROTOCOL = 4400;
 export const CLOSE_FORBIDDEN = 4403;
 export const CLOSE_NOT_FOUND = 4404;
+export const CLOSE_SLOW = 4408;
 export const CLOSE_ELSEWHERE = 4409;
 export const CLOSE_UNAVAILABLE = 4503;
 
