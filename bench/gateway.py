@@ -2,7 +2,10 @@
 socket vs the engine's own socket, as ratios measured in one run; then the gateway's memory with 100 idle
 sessions connected.
 
-    .venv/bin/python bench/gateway.py [--image busybox:latest] [--rounds 10]
+    .venv/bin/python bench/gateway.py [--image busybox:latest] [--rounds 10] [--crowd 0]
+
+`--crowd N` first gives the engine N images of other students (as a workshop's engine holds), so that the
+figures show what the gateway pays for images that are not the student's.
 
 Runs the students' own docker CLI, taken from the workstation image through the engine's API, on this
 machine; needs the engine and the Redis of settings.REDIS_URL. It starts its own gateway process in a
@@ -51,6 +54,29 @@ def workstation_cli(api: Any, directory: Path) -> str:
     return str(path)
 
 
+def crowd(api: Any, image: str, count: int) -> list[str]:
+    """`count` images, each committed from a created container under another session's labels."""
+    container = api.create_container(
+        image, command=["true"], labels={"layercake.managed": "1", "layercake.namespace": NAMESPACE}
+    )
+    made: list[str] = []
+    try:
+        for number in range(count):
+            labels = {
+                "layercake.managed": "1",
+                "layercake.namespace": NAMESPACE,
+                "layercake.session": str(4_000_000_000 + number),
+                "layercake.role": "student-image",
+            }
+            committed = api.commit(
+                container["Id"], repository=f"{NAMESPACE}-s{4_000_000_000 + number}/app", conf={"Labels": labels}
+            )
+            made.append(committed["Id"])
+    finally:
+        api.remove_container(container["Id"], force=True)
+    return made
+
+
 def run_once(command: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,6 +107,7 @@ def main() -> None:
     parser.add_argument("--image", default="busybox:latest")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--idle-sessions", type=int, default=100)
+    parser.add_argument("--crowd", type=int, default=0)
     options = parser.parse_args()
 
     import django
@@ -101,6 +128,7 @@ def main() -> None:
     )
     sessions: list[int] = []
     held: list[socket.socket] = []
+    crowded: list[str] = []
     scratch = tempfile.mkdtemp(prefix="layercake-bench-")
     try:
         time.sleep(1.5)
@@ -128,7 +156,10 @@ def main() -> None:
             "docker images": [cli, "images"],
             f"docker run --rm {options.image} true": [cli, "run", "--rm", options.image, "true"],
         }
-        print(f"median of {options.rounds} runs each, same machine, same run")
+        crowded = crowd(api, options.image, options.crowd)
+        print(
+            f"median of {options.rounds} runs each, same machine, same run, {options.crowd} other students' images"
+        )
         for label, command in commands.items():
             direct, through = paired((command, engine_env), (command, gateway_env), options.rounds)
             print(
@@ -167,6 +198,9 @@ def main() -> None:
             f"{len(sessions)} sessions each holding an idle keep-alive connection"
         )
     finally:
+        for image_id in crowded:
+            with contextlib.suppress(docker.errors.APIError):
+                api.remove_image(image_id, force=True)
         for sock in held:
             sock.close()
         for session_id in sessions:

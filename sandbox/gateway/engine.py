@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -9,6 +11,9 @@ from .config import API_VERSION
 from .http import EngineStream, HttpError, Response
 
 RESPONSE_MAX = 64 * 1024 * 1024
+RECONNECT_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(HttpError):
@@ -83,3 +88,40 @@ class Engine:
         if response.status >= 400:
             raise EngineError(response.status, response.message)
         return response.json()
+
+
+async def follow_events(
+    engine: Engine,
+    filters: dict[str, list[str]],
+    *,
+    connected: Callable[[], None],
+    event: Callable[[bytes], Awaitable[None]],
+    lost: Callable[[], None] = lambda: None,
+) -> None:
+    """Follow the engine's events that match `filters` for as long as the caller runs, reconnecting when the
+    stream fails: `connected` is called each time it is open (what happened while it was down is to be caught
+    up with then), `event` with each event's line, `lost` each time it ends."""
+    while True:
+        stream: EngineStream | None = None
+        try:
+            stream = await engine.open("GET", "/events", query={"filters": json.dumps(filters)})
+            head = await stream.head()
+            if head.status != 200:
+                raise ConnectionError(f"engine events answered {head.status}")
+            connected()
+            pending = b""
+            async for chunk in stream.chunks():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        await event(line)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("engine event stream %s failed; reconnecting", filters, exc_info=True)
+        finally:
+            lost()
+            if stream is not None:
+                stream.close()
+        await asyncio.sleep(RECONNECT_SECONDS)

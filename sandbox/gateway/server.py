@@ -25,9 +25,10 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from .config import GatewayConfig
-from .engine import Engine
+from .engine import Engine, follow_events
 from .events import EventPublisher
-from .http import ClientGone, EngineStream, HttpError, ServerSide
+from .http import ClientGone, HttpError, ServerSide
+from .imagelist import ImageList
 from .ports import SYNC_SECONDS, PortForwards
 from .registry import SessionRecord
 from .session import (
@@ -121,6 +122,7 @@ class Gateway:
         self.sessions: dict[int, SessionServer] = {}
         self.builds = asyncio.Semaphore(MAX_GATEWAY_BUILDS)
         self.disk_usage = DiskUsage()
+        self.engine_images = ImageList(self.engine)
         # Each student connection may hold one to the engine as well; what is left serves the sockets,
         # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no
         # student can starve the others of the gateway's open files.
@@ -140,6 +142,7 @@ class Gateway:
             asyncio.create_task(self._control()),
             asyncio.create_task(self._reconcile_forever()),
             asyncio.create_task(self._watch_engine_events()),
+            asyncio.create_task(self.engine_images.follow()),
             asyncio.create_task(self._sync_ports_forever()),
         ]
         try:
@@ -246,6 +249,7 @@ class Gateway:
                 ports=self.ports,
                 builds=self.builds,
                 disk_usage=self.disk_usage,
+                engine_images=self.engine_images,
             )
             holder: SessionServer | None = None
 
@@ -327,30 +331,9 @@ class Gateway:
             "event": list(CONTAINER_EVENTS),
             "label": [f"{NAMESPACE}={self.config.namespace}", f"{ROLE}=student"],
         }
-        while True:
-            stream: EngineStream | None = None
-            try:
-                stream = await self.engine.open("GET", "/events", query={"filters": json.dumps(filters)})
-                head = await stream.head()
-                if head.status != 200:
-                    raise ConnectionError(f"engine events answered {head.status}")
-                # Whatever happened while the stream was down is caught up with now.
-                self._sync_all_ports()
-                pending = b""
-                async for chunk in stream.chunks():
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            await self._publish_container_event(line)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("engine event stream failed; reconnecting", exc_info=True)
-            finally:
-                if stream is not None:
-                    stream.close()
-            await asyncio.sleep(1)
+        await follow_events(
+            self.engine, filters, connected=self._sync_all_ports, event=self._publish_container_event
+        )
 
     def _sync_all_ports(self) -> None:
         for holder in list(self.sessions.values()):

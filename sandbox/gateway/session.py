@@ -25,6 +25,7 @@ from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
 from .http import MAX_HEADER_BYTES, ClientGone, EngineStream, HttpError, Request, Response, ServerSide
+from .imagelist import ImageList
 from .names import HEX_RE, BadReference, Namer, Reference, is_student_repo_tag, parse_reference, split_repo_tag
 from .registry import SessionRecord
 
@@ -42,6 +43,8 @@ ROLE = "layercake.role"
 CATALOG = "layercake.catalog"
 IMAGE_LABEL = "layercake.image"
 PORTS_LABEL = "layercake.ports"
+# The requests that may change the engine's images (see `ImageList`).
+IMAGE_CHANGES_RE = re.compile(r"/(?:images|build|commit)(?:/|$)")
 # What docker's default bridge also shows at the top of a container's NetworkSettings.
 DEFAULT_NETWORK_FIELDS = (
     "EndpointID",
@@ -258,6 +261,7 @@ class StudentGateway:
         ports: "PortForwards | None" = None,
         builds: asyncio.Semaphore | None = None,
         disk_usage: "DiskUsage | None" = None,
+        engine_images: ImageList | None = None,
     ) -> None:
         self.record = record
         self.config = config
@@ -286,6 +290,7 @@ class StudentGateway:
         # Each build holds its context (and a rewritten copy) in memory: the gateway as a whole runs a few.
         self.gateway_builds = builds or asyncio.Semaphore(MAX_GATEWAY_BUILDS)
         self.disk_usage = disk_usage or DiskUsage()
+        self.engine_images = engine_images or ImageList(engine)
 
     # Routing.
 
@@ -447,7 +452,11 @@ class StudentGateway:
         except TimeoutError as exc:
             raise HttpError(408, f"the request body did not arrive within {within:g} seconds") from exc
         try:
-            await route.handler(side, request, **params)
+            if request.method in ("POST", "DELETE") and IMAGE_CHANGES_RE.match(request.path):
+                with self.engine_images.changing():
+                    await route.handler(side, request, **params)
+            else:
+                await route.handler(side, request, **params)
         except BadReference as exc:
             await side.respond_error(HttpError(400, str(exc)))
         except HttpError as error:
@@ -1404,10 +1413,13 @@ class StudentGateway:
     async def image_views(
         self, *, all_images: bool = False, filters: dict[str, list[str]] | None = None
     ) -> list[ImageView]:
-        query = {"all": "1" if all_images else "0"}
-        if filters:
-            query["filters"] = json.dumps(filters)
-        entries = await self.engine.json("GET", "/images/json", query=query) or []
+        if all_images or filters:
+            query = {"all": "1" if all_images else "0"}
+            if filters:
+                query["filters"] = json.dumps(filters)
+            entries = await self.engine.json("GET", "/images/json", query=query) or []
+        else:
+            entries = await self.engine_images.entries()
         views: list[ImageView] = []
         session = str(self.record.session_id)
         for entry in entries:
