@@ -290,6 +290,13 @@ class DockerBackend(SandboxBackend):
             except docker.errors.APIError as exc:
                 if not _gone(exc):
                     raise
+        # What a student built, committed or named outlives their sandbox's teardown when the teardown did not
+        # run (the record deleted) or failed part way.
+        from sandbox.gateway.client import gateway_session_purge, sessions_with_images
+
+        for session in sorted(sessions_with_images() - keep):
+            gateway_session_purge(session_id=session)
+            removed.append(f"images of session {session}")
         return removed
 
     async def open_terminal(self, state: dict[str, Any]) -> "DockerTerminal":

@@ -1,7 +1,9 @@
 """What the launcher (a Celery task, synchronous) calls to open, close and purge a session's gateway."""
 
+import contextlib
 import json
 import logging
+import re
 import shutil
 import socket
 import time
@@ -88,7 +90,29 @@ def gateway_session_close(*, session_id: int) -> None:
 
 
 def _gone(exc: docker.errors.APIError) -> bool:
-    return exc.status_code in (404, 409)
+    # An image removed meanwhile (with a child removed before it, or by another teardown) may be answered
+    # "unrecognized image ID" by the engine, with a 500.
+    return exc.status_code in (404, 409) or "unrecognized image ID" in str(exc.explanation or "")
+
+
+def sessions_with_images() -> set[int]:
+    """The sessions of this site that the engine holds images or image names of: labelled as theirs, or
+    tagged under their prefix (a name a student gave a curated image carries no label of theirs)."""
+    config = gateway_config()
+    api = docker.APIClient(base_url=f"unix://{config.engine_socket}", timeout=60)
+    tagged = re.compile(rf"{re.escape(config.namespace)}-s([0-9]+)(?:-r)?/")
+    sessions: set[int] = set()
+    try:
+        for image in api.images(all=True, filters={"label": [f"layercake.namespace={config.namespace}"]}):
+            with contextlib.suppress(KeyError, ValueError):
+                sessions.add(int((image.get("Labels") or {})["layercake.session"]))
+        for image in api.images():
+            for tag in image.get("RepoTags") or []:
+                if match := tagged.match(tag):
+                    sessions.add(int(match.group(1)))
+    finally:
+        api.close()
+    return sessions
 
 
 def gateway_session_purge(*, session_id: int) -> None:

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.test import override_settings
 
 from sandbox.backends.base import EngineUnavailable, SandboxPhase, SandboxSpec
-from sandbox.backends.docker import DockerBackend, sandbox_name
+from sandbox.backends.docker import MANAGED, DockerBackend, sandbox_name
 
 pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("engine_cleanup")]
 
@@ -147,19 +147,58 @@ def test_the_sandbox_cannot_reach_this_machine(engine: docker.DockerClient) -> N
         backend.stop(state)
 
 
+def _student_image(engine: docker.DockerClient, *, namespace: str, session: int) -> str:
+    """An image as a student's build or commit leaves it: labelled as theirs, named under their prefix."""
+    labels = {MANAGED: "1", "layercake.namespace": namespace, "layercake.session": str(session)}
+    container = engine.api.create_container("busybox:latest", command=["true"], labels=labels)
+    try:
+        return str(
+            engine.api.commit(container["Id"], repository=f"{namespace}-s{session}/app", conf={"Labels": labels})[
+                "Id"
+            ]
+        )
+    finally:
+        engine.api.remove_container(container["Id"], force=True)
+
+
+def _image_exists(engine: docker.DockerClient, ref: str) -> bool:
+    try:
+        engine.api.inspect_image(ref)
+    except docker.errors.NotFound:
+        return False
+    return True
+
+
 def test_the_reaper_removes_only_this_sites_orphans(engine: docker.DockerClient) -> None:
     backend = DockerBackend()
     kept = backend.start(_spec(), progress=lambda step: None)
     orphan = backend.start(_spec(), progress=lambda step: None)
     kept_id = int(kept["container"].rsplit("-", 1)[1])
-    with override_settings(SANDBOX_NAMESPACE=f"{settings.SANDBOX_NAMESPACE}x"):
-        assert DockerBackend().reap(keep=set()) == []
-    removed = backend.reap(keep={kept_id})
-    assert f"container {orphan['container']}" in removed
-    assert f"network {orphan['network']}" in removed
-    assert backend.poll(kept).phase == SandboxPhase.RUNNING
-    assert backend.reap(keep={kept_id}) == []
-    backend.stop(kept)
+    orphan_id = int(orphan["container"].rsplit("-", 1)[1])
+    namespace = settings.SANDBOX_NAMESPACE
+    kept_image = _student_image(engine, namespace=namespace, session=kept_id)
+    orphan_image = _student_image(engine, namespace=namespace, session=orphan_id)
+    elsewhere_image = _student_image(engine, namespace=f"{namespace}x", session=orphan_id)
+    # A name the orphan's student gave a curated image: the image is the course's, the name theirs.
+    engine.api.tag(SHELL_IMAGE, f"{namespace}-s{orphan_id}/myshell", "latest")
+    try:
+        with override_settings(SANDBOX_NAMESPACE=f"{namespace}x"):
+            assert DockerBackend().reap(keep={orphan_id}) == []
+        removed = backend.reap(keep={kept_id})
+        assert f"container {orphan['container']}" in removed
+        assert f"network {orphan['network']}" in removed
+        assert f"images of session {orphan_id}" in removed
+        assert not _image_exists(engine, orphan_image)
+        assert not _image_exists(engine, f"{namespace}-s{orphan_id}/myshell:latest")
+        assert _image_exists(engine, SHELL_IMAGE)
+        assert _image_exists(engine, kept_image) and _image_exists(engine, elsewhere_image)
+        assert backend.poll(kept).phase == SandboxPhase.RUNNING
+        assert backend.reap(keep={kept_id}) == []
+    finally:
+        backend.stop(kept)
+        for ref in (kept_image, elsewhere_image, f"{namespace}-s{orphan_id}/myshell:latest"):
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.api.remove_image(ref, force=True)
 
 
 def test_an_unreachable_engine_is_a_clear_error(tmp_path: Path) -> None:
