@@ -181,7 +181,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         except SandboxError:
             log.warning("terminal %s: cannot attach", sandbox_id, exc_info=True)
             await _shell_gone(sandbox_id=sandbox_id)
-            await self._close(protocol.CLOSE_UNAVAILABLE)
+            await self._without_a_shell()
             return
         if self.closing_code is not None:
             return
@@ -202,8 +202,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if reason in LET_GO:
             await self._close(LET_GO[reason])
             return
-        # The stream to the shell broke. If the sandbox ended, say why; if it lives on, the browser
-        # reconnects and gets a fresh stream.
+        await self._without_a_shell()
+
+    async def _without_a_shell(self) -> None:
+        """The stream to the shell broke, or could not be opened. If the sandbox ended (the reaper may end it
+        while a browser attaches), say why; if it lives on, the browser reconnects and gets a fresh stream."""
         assert self.sandbox is not None
         sandbox = await _refresh(self.sandbox)
         if sandbox.state in ENDED_STATES:
