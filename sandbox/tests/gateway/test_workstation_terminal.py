@@ -9,6 +9,7 @@ from django.conf import settings
 from django.test import Client
 
 from lessons.models import Lesson
+from sandbox import protocol
 from sandbox.tests.test_terminal_live import Terminal, _start, _ws, wait_until_ended
 
 from .conftest import WORKSTATION_IMAGE, GatewayProcess
@@ -18,13 +19,12 @@ pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis, pytest
 
 def _session_objects(session_id: int) -> list[str]:
     engine = docker.DockerClient(base_url=settings.SANDBOX_DOCKER_URL)
+    # This test run's only: another run on the engine numbers its sessions alike.
+    ours = {"label": [f"layercake.session={session_id}", f"layercake.namespace={settings.SANDBOX_NAMESPACE}"]}
     try:
-        found = [
-            c["Names"][0]
-            for c in engine.api.containers(all=True, filters={"label": f"layercake.session={session_id}"})
-        ]
-        found += [i["Id"] for i in engine.api.images(filters={"label": f"layercake.session={session_id}"})]
-        found += [n["Name"] for n in engine.api.networks(filters={"label": f"layercake.session={session_id}"})]
+        found = [c["Names"][0] for c in engine.api.containers(all=True, filters=ours)]
+        found += [i["Id"] for i in engine.api.images(filters=ours)]
+        found += [n["Name"] for n in engine.api.networks(filters=ours)]
         return found
     finally:
         engine.close()
@@ -58,3 +58,33 @@ def test_the_terminal_opens_in_the_workstation_with_a_working_docker(
     wait_until_ended(sandbox)
     assert _session_objects(sandbox.pk) == []
     assert not (Path(settings.GATEWAY_DIR) / str(sandbox.pk)).exists()
+
+
+@pytest.mark.usefixtures("engine_cleanup")
+def test_one_exit_too_many_only_warns_and_an_exit_right_after_it_leaves(
+    live_asgi: str, gateway_process: GatewayProcess
+) -> None:
+    """Leaving the workstation's shell ends the sandbox, an easy slip after leaving a container's shell."""
+    lesson = Lesson.objects.create(slug="leave", title="Leave", body="text", image=WORKSTATION_IMAGE)
+    client = Client()
+    sandbox = _start(client, lesson)
+
+    async def session() -> None:
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            term = Terminal(ws)
+            await term.hello()
+            await term.until(lambda t: t.state() == "ready", within=60)
+            await term.until(lambda t: b"Welcome to your Layercake workstation" in t.screen and b"$ " in t.screen)
+            await term.run("docker run -it --rm busybox sh -c 'echo inside-$((2+2))'", b"inside-4")
+            await term.until(lambda t: bytes(t.screen).rstrip().endswith(b"$"))
+            await term.run("exit", b"Type exit again to leave.")
+            await term.run("echo still-$((1+1))", b"still-2")
+            # An exit that does not follow a warned one warns again; the one right after it leaves.
+            await term.run("exit", b"Type exit again to leave.")
+            await ws.send(protocol.input_frame(b"exit\r"))
+            assert await term.closed() == protocol.CLOSE_ENDED
+            assert term.states[-1]["reason"] == "exited"
+
+    asyncio.run(session())
+    wait_until_ended(sandbox)
+    assert _session_objects(sandbox.pk) == []

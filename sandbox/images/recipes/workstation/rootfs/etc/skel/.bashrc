@@ -22,6 +22,24 @@ if ! shopt -oq posix && [ -f /usr/share/bash-completion/bash_completion ]; then
     . /usr/share/bash-completion/bash_completion
 fi
 
+# Leaving the login shell ends the sandbox and removes all that was made in it, and an exit too many is an easy
+# slip after leaving a container's shell: the first exit (or Ctrl-D) only says so, and an exit right after it
+# leaves.
+if shopt -q login_shell; then
+    IGNOREEOF=1
+    _layercake_prompts=0
+    _layercake_exit_at=-2
+    PROMPT_COMMAND="_layercake_prompts=\$((_layercake_prompts + 1))${PROMPT_COMMAND:+; $PROMPT_COMMAND}"
+    exit() {
+        if [ "$_layercake_exit_at" -eq $((_layercake_prompts - 1)) ]; then
+            builtin exit "$@"
+        fi
+        _layercake_exit_at=$_layercake_prompts
+        echo "This is your workstation's shell: leaving it ends your sandbox, and its containers, images and" >&2
+        echo "volumes are removed. Type exit again to leave." >&2
+    }
+fi
+
 # The welcome, once per login: a shell started from this one does not repeat it.
 if shopt -q login_shell && [ -r /etc/motd ]; then
     cat /etc/motd
