@@ -18,6 +18,8 @@ import redis
 import requests.exceptions
 from django.conf import settings
 
+from sandbox.gateway.policy import DNS_OPTIONS
+
 from .base import (
     EngineUnavailable,
     ImageMissing,
@@ -200,6 +202,7 @@ class DockerBackend(SandboxBackend):
             network_mode=name,
             binds=binds or None,
             log_config=LOG_CONFIG,
+            dns_opt=DNS_OPTIONS,
             read_only=False,
         )
         created = api.create_container(

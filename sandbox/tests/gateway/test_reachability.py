@@ -201,3 +201,16 @@ def test_the_engines_socket_is_nowhere_in_reach(network_map: NetworkMap) -> None
     ):
         code, output = ws.docker(f"docker run --rm {option} busybox true")
         assert code != 0 and "mounting a host path" in output, (option, output)
+
+
+def test_a_name_that_is_no_containers_fails_fast_and_container_names_still_resolve(
+    network_map: NetworkMap,
+) -> None:
+    """With no way out, a lookup of any other name can only fail: the resolver is told to give up after a
+    second, once (the C library's default is 5 s, twice, per lookup)."""
+    ws = network_map.alice.workstation
+    for where in ("cat /etc/resolv.conf", "docker exec probe cat /etc/resolv.conf"):
+        options = [line for line in ok(ws.docker(where)).splitlines() if line.startswith("options ")]
+        assert options and {"timeout:1", "attempts:1"} <= set(options[0].split()), (where, options)
+    assert ok(ws.docker("getent hosts own")).split()[1:] == ["own"]
+    assert ok(ws.docker("docker exec probe nslookup own")).count(network_map.addresses["own"]) == 1
