@@ -85,13 +85,14 @@ def live_asgi(celery_live_worker: None) -> Iterator[str]:
     import uvicorn
     from django.conf import settings
 
-    from tutorial.asgi import application
+    from tutorial.asgi import HTTPProtocol, application
 
     port = _free_port()
     config = uvicorn.Config(
         application,
         host="127.0.0.1",
         port=port,
+        http=HTTPProtocol,
         ws="websockets-sansio",
         ws_max_size=settings.TERMINAL_MAX_FRAME_BYTES + 1024,
         log_level="warning",

@@ -14,8 +14,9 @@ web() {
     # The web container stops first when the stack stops (it depends on every other service), so it ends the
     # sandboxes while Redis, the gateway and the engine's socket are still there; with no site, nothing would
     # let a student in, nor reap them. A web that dies instead leaves them to the reaper when the stack is back.
+    # --http: sockets that drop a client which acknowledges nothing for 30 s (tutorial/asgi.py).
     uvicorn tutorial.asgi:application --host "$LAYERCAKE_HOST" --port "$LAYERCAKE_PORT" \
-        --ws websockets-sansio --ws-max-size "$WS_MAX_BYTES" --no-access-log &
+        --http tutorial.asgi:HTTPProtocol --ws websockets-sansio --ws-max-size "$WS_MAX_BYTES" --no-access-log &
     server=$!
     trap stop_web TERM INT
     wait "$server"

@@ -336,6 +336,11 @@ class DockerTerminal:
             if exc.status == 404:
                 raise SandboxError("the sandbox container is gone") from exc
             raise SandboxError(f"cannot attach to the sandbox: {exc.message}") from exc
+        except AssertionError as exc:
+            # aiodocker asserts that the upgraded connection has a transport: the engine closed it, as it does
+            # when the container goes as it is attached to.
+            await self.close()
+            raise SandboxError("cannot attach to the sandbox: the engine closed the connection") from exc
         except (TimeoutError, OSError) as exc:
             await self.close()
             raise EngineUnavailable(str(exc)) from exc
