@@ -12,6 +12,8 @@ const RETRY_MAX_MS = 5000;
 const STEPS = ["queued", "creating", "starting", "ready"];
 const FINAL_STATES = new Set(["stopping", "ended", "failed"]);
 const LAST_CLOSES = new Set([wire.CLOSE_ENDED, wire.CLOSE_FORBIDDEN, wire.CLOSE_NOT_FOUND]);
+const MODIFIERS = new Set(["Shift", "Control", "Alt", "AltGraph", "Meta"]);
+const ABORT = new Uint8Array([0x07]); // Ctrl-G
 
 const terminals = [];
 window.layercakeTerminals = terminals;
@@ -28,6 +30,7 @@ class SandboxTerminal {
     this.label = root.querySelector("[data-progress-label]");
     this.notice = root.querySelector("[data-notice]");
     this.screen = root.querySelector("[data-screen]");
+    this.hint = root.querySelector("[data-hint]");
     this.state = root.dataset.state;
     this.ws = null;
     this.written = 0; // output bytes handed to xterm: the offset of the next byte
@@ -40,6 +43,7 @@ class SandboxTerminal {
     this.retryMs = RETRY_FIRST_MS;
     this.retryTimer = null;
     this.finished = false;
+    this.escaped = false; // the last key pressed in the terminal was Escape alone
     this.term = this.createTerminal();
     this.showState(this.state);
     this.connect();
@@ -62,8 +66,11 @@ class SandboxTerminal {
     this.serialize = new window.SerializeAddon.SerializeAddon();
     term.loadAddon(this.serialize);
     term.open(this.screen);
+    if (this.hint) term.textarea.setAttribute("aria-describedby", this.hint.id);
+    term.textarea.addEventListener("focus", () => (this.escaped = false));
     this.webgl = this.loadWebgl(term);
-    term.attachCustomKeyEventHandler((event) => this.clipboardKeys(event));
+    // xterm takes one such handler; false keeps the key from the shell (and from xterm's own handling).
+    term.attachCustomKeyEventHandler((event) => this.tabAfterEscape(event) && this.clipboardKeys(event));
     term.onData((data) => this.sendInput(encoder.encode(data)));
     term.onBinary((data) => this.sendInput(latin1(data)));
     term.onResize(({ cols, rows }) => this.send(wire.resize(cols, rows)));
@@ -90,6 +97,22 @@ class SandboxTerminal {
       console.info("terminal: no WebGL, using the DOM renderer", error);
       return null;
     }
+  }
+
+  // A keyboard alone can leave the terminal: Escape reaches the shell as ever (vim and readline need it), and
+  // a Tab or Shift+Tab pressed right after it is the browser's again and moves focus out, the escape hatch
+  // CodeMirror offers. Any other key in between, or coming back into the terminal, makes Tab the shell's again.
+  tabAfterEscape(event) {
+    if (event.type !== "keydown" || MODIFIERS.has(event.key)) return true;
+    const plain = !event.ctrlKey && !event.altKey && !event.metaKey;
+    const leaving = this.escaped && event.key === "Tab" && plain;
+    this.escaped = event.key === "Escape" && plain && !event.shiftKey;
+    if (!leaving) return true;
+    // Readline (bash) holds a lone Escape as the start of a Meta key and would spend it on the first key
+    // typed on coming back; Ctrl-G after it is readline's abort, which ends that wait and keeps the line.
+    this.sendInput(ABORT);
+    // false leaves the event alone, so the browser's default, moving focus, happens.
+    return false;
   }
 
   clipboardKeys(event) {

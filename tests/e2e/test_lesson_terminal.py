@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.test import override_settings
-from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from lessons.models import Lesson
@@ -318,3 +318,73 @@ def test_a_full_host_says_to_try_again_shortly(live_asgi: str, lesson: Lesson, s
     assert alert is not None and "Try again in a minute" in alert.inner_text()
     assert page.is_enabled("button:has-text('Start sandbox')")
     assert page.url.endswith(lesson.get_absolute_url()), "the panel changed in place"
+
+
+IN_TERMINAL_JS = "() => document.activeElement === window.layercakeTerminals[0].term.textarea"
+# Where the focused element stands against the terminal: "inside", "before", "after", or "none" for the page.
+FOCUS_JS = """() => {
+  const focused = document.activeElement;
+  const terminal = document.querySelector("[data-terminal]");
+  if (!focused || focused === document.body) return "none";
+  if (terminal.contains(focused)) return "inside";
+  return terminal.compareDocumentPosition(focused) & Node.DOCUMENT_POSITION_PRECEDING ? "before" : "after";
+}"""
+
+
+def in_terminal(page: Page) -> bool:
+    return bool(page.evaluate(IN_TERMINAL_JS))
+
+
+def test_a_keyboard_alone_leaves_the_terminal_and_comes_back(
+    live_asgi: str, lesson: Lesson, student: Student
+) -> None:
+    page = student.open(f"http://{live_asgi}{lesson.get_absolute_url()}")
+    start_sandbox(page)
+    assert in_terminal(page), "pressing Start puts the student in the terminal"
+
+    # The way out is on the page, and a screen reader hears it with the terminal's input.
+    hint = page.locator("[data-hint]")
+    assert hint.is_visible()
+    assert "Esc then Tab" in hint.inner_text()
+    expect(page.get_by_role("textbox", name="Terminal input")).to_have_accessible_description(
+        re.compile("Esc then Tab .* leaves the terminal")
+    )
+
+    # Tab alone is the shell's: it completes.
+    run(page, "echo completed > /tmp/tab-completion-target; echo written", r"^written$")
+    page.keyboard.type("cat /tmp/tab-completion-t")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    wait_for_screen(page, r"^completed$")
+
+    # Escape alone is the shell's: readline reads Escape then . as Meta-., which yanks the last argument.
+    run(page, "echo escaped-nine", r"^escaped-nine$")
+    page.keyboard.type("echo ")
+    page.keyboard.press("Escape")
+    page.keyboard.type(".")
+    page.keyboard.press("Enter")
+    wait_for_screen(page, r"^escaped-nine\n.*\$ echo escaped-nine\nescaped-nine$")
+    assert in_terminal(page), "a key after Escape other than Tab keeps the student in the terminal"
+
+    # Escape then Tab moves on to the next control, with a half-typed line left as it was.
+    page.keyboard.type("echo par")
+    page.keyboard.press("Escape")
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("button", name="Stop sandbox")).to_be_focused()
+
+    # Shift+Tab comes back, and the first key typed then is itself, not swallowed by the Escape.
+    page.keyboard.press("Shift+Tab")
+    assert in_terminal(page)
+    page.keyboard.type("tial-$((2+3))")
+    page.keyboard.press("Enter")
+    text = wait_for_screen(page, r"^partial-5$")
+    assert "\t" not in text and "^I" not in text
+
+    # Escape then Shift+Tab goes back, to the lesson before the terminal.
+    page.keyboard.press("Escape")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(FOCUS_JS) == "before"
+    expect(page.get_by_role("link", name=re.compile("All lessons"))).to_be_focused()
+    page.keyboard.press("Tab")
+    assert in_terminal(page)
+    run(page, "echo back-$((4*4))", r"^back-16$")
