@@ -22,8 +22,10 @@ const encoder = new TextEncoder();
 const latin1 = (text) => Uint8Array.from(text, (c) => c.charCodeAt(0) & 0xff);
 
 class SandboxTerminal {
-  constructor(root) {
+  // takeFocus: the student just started this sandbox, so the terminal is where they are going next.
+  constructor(root, { takeFocus }) {
     this.root = root;
+    this.takeFocus = takeFocus;
     this.wsPath = root.dataset.wsPath;
     this.panelUrl = root.dataset.panelUrl;
     this.progress = root.querySelector("[data-progress]");
@@ -262,8 +264,15 @@ class SandboxTerminal {
     this.root.classList.toggle("is-ready", ready);
     if (becameReady) {
       this.refit();
-      this.term.focus();
+      if (this.takeFocus && this.focusIsFree()) this.term.focus();
     }
+  }
+
+  // Focus went nowhere else while the sandbox launched: it fell to the page when the Start button it was on
+  // gave way to the terminal, or it stayed in the panel.
+  focusIsFree() {
+    const active = document.activeElement;
+    return !active || active === document.body || this.root.closest("[data-panel]")?.contains(active);
   }
 
   // Everything but the page: the socket, timers and xterm. Safe to call more than once.
@@ -315,19 +324,21 @@ class SandboxTerminal {
 
 const mounted = new WeakMap();
 
-function mountAll(root) {
+function mountAll(root, { takeFocus }) {
   const elements = [...root.querySelectorAll("[data-terminal]")];
   if (root.matches?.("[data-terminal]")) elements.push(root);
   for (const element of elements) {
     if (mounted.has(element)) continue;
-    const terminal = new SandboxTerminal(element);
+    const terminal = new SandboxTerminal(element, { takeFocus });
     mounted.set(element, terminal);
     if (!terminal.finished) terminals.push({ root: element, term: terminal.term, state: () => terminal.state });
   }
 }
 
-mountAll(document);
-document.addEventListener("htmx:load", (event) => mountAll(event.target));
+// A terminal in the page as it loads (a reload, a sandbox still running from before) leaves focus where the
+// page puts it; one that htmx swapped in came from pressing Start.
+mountAll(document, { takeFocus: false });
+document.addEventListener("htmx:load", (event) => mountAll(event.target, { takeFocus: true }));
 document.addEventListener("htmx:beforeCleanupElement", (event) => {
   if (event.target.matches?.("[data-terminal]")) mounted.get(event.target)?.stop();
 });

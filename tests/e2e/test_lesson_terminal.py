@@ -181,6 +181,7 @@ def test_a_student_starts_uses_and_comes_back_to_a_sandbox(
     page.reload()
     page.wait_for_selector("[data-terminal].is-ready", timeout=30000)
     restored = wait_for_screen(page, r"^answered-2$")
+    page.click("[data-screen]")  # a reload leaves focus to the page: the student clicks back in
     assert restored.count("answered-2") == 1, "the screen is restored once, without duplicates"
     assert restored.count("pasted-10\n") == 1
     text = run(page, "echo $MARK-$(wc -l < /tmp/ticks)", r"^kept-\d+$")
@@ -388,3 +389,15 @@ def test_a_keyboard_alone_leaves_the_terminal_and_comes_back(
     page.keyboard.press("Tab")
     assert in_terminal(page)
     run(page, "echo back-$((4*4))", r"^back-16$")
+
+    # A reload leaves focus where the page puts it; the terminal is one Tab stop among the others.
+    page.reload()
+    page.wait_for_selector("[data-terminal].is-ready", timeout=30000)
+    wait_for_screen(page, r"^back-16$")
+    assert page.evaluate(FOCUS_JS) == "none", "a reload does not move focus into the terminal"
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if in_terminal(page):
+            break
+    assert in_terminal(page), "Tab reaches the terminal"
+    run(page, "echo reached-$((5*5))", r"^reached-25$")
