@@ -1,6 +1,7 @@
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 
+from sandbox.models import Sandbox
 from sandbox.owners import owner_key_for_request
 from sandbox.selectors import sandbox_for_owner
 
@@ -16,11 +17,25 @@ def index(request: HttpRequest) -> HttpResponse:
 def detail(request: HttpRequest, slug: str) -> HttpResponse:
     lesson = get_object_or_404(Lesson, slug=slug)
     sandbox = sandbox_for_owner(owner_key=owner_key_for_request(request), lesson=lesson)
+    return lesson_page(request, lesson, sandbox=sandbox)
+
+
+def lesson_page(
+    request: HttpRequest,
+    lesson: Lesson,
+    *,
+    sandbox: Sandbox | None,
+    error: str | None = None,
+    stoppable: list[Sandbox] | None = None,
+    status: int = 200,
+) -> HttpResponse:
+    """The lesson with its sandbox panel; the panel says `error` instead where a start was refused."""
     context = {
         "lesson": lesson,
         "body_html": lesson_render(lesson=lesson),
         "sandbox": sandbox,
-        "error": None,
+        "error": error,
+        "stoppable": stoppable or [],
         "lessons": lesson_list(),
     }
-    return render(request, "lessons/lesson_detail.html", context)
+    return render(request, "lessons/lesson_detail.html", context, status=status)

@@ -33,7 +33,14 @@ class SandboxFull(Exception):
 
 
 class TooManySandboxes(Exception):
-    """The owner, or their network, already has as many live sandboxes as it may: one should be stopped."""
+    """The owner, or their network, already has as many live sandboxes as it may: one should be stopped.
+
+    `stoppable` holds the owner's own live sandboxes whose stopping would make room, for the refusal to offer;
+    never anyone else's."""
+
+    def __init__(self, message: str, *, stoppable: list[Sandbox]) -> None:
+        super().__init__(message)
+        self.stoppable = stoppable
 
 
 def sandbox_group(sandbox_id: int) -> str:
@@ -99,16 +106,21 @@ def sandbox_start(
             return existing
         others = list(Sandbox.objects.active().filter(owner_key=owner_key).select_related("lesson"))
         if len(others) >= settings.SANDBOX_PER_OWNER:
-            where = ", ".join(f"“{s.lesson.title}”" if s.lesson else "another page" for s in others)
             raise TooManySandboxes(
-                f"You already have {len(others)} sandboxes running ({where}). Stop one to start another."
+                f"You already have {len(others)} sandboxes running, as many as you may have at once. "
+                "Stop one to start one here.",
+                stoppable=others,
             )
         if (
             network
             and Sandbox.objects.active().filter(client_network=network).count() >= settings.SANDBOX_PER_NETWORK
         ):
+            # Only a sandbox of the same network frees a place on it.
+            mine_here = [sandbox for sandbox in others if sandbox.client_network == network]
             raise TooManySandboxes(
-                "Every sandbox your network may have at once is in use. Try again when someone there stops one."
+                "Every sandbox your network may have at once is in use. Try again when someone there stops one"
+                + (", or stop one of yours to start one here." if mine_here else "."),
+                stoppable=mine_here,
             )
         if Sandbox.objects.active().count() >= settings.SANDBOX_CAPACITY:
             raise SandboxFull("Every sandbox on this host is in use. Try again in a minute.")
@@ -205,21 +217,49 @@ def _end(sandbox: Sandbox, *, reason: EndReason, message: str = "") -> None:
     sandbox_publish(sandbox=sandbox)
 
 
+def _mark_stopping(sandbox: Sandbox, *, reason: EndReason) -> bool:
+    """Within the caller's transaction: mark a live sandbox stopping and remove it once that commits."""
+    updated = Sandbox.objects.filter(pk=sandbox.pk, state__in=ACTIVE_STATES).update(
+        state=SandboxState.STOPPING, end_reason=reason
+    )
+    if updated:
+        from .tasks import sandbox_teardown_task
+
+        sandbox_id = sandbox.pk
+        transaction.on_commit(lambda: sandbox_teardown_task.delay(sandbox_id))
+    return bool(updated)
+
+
 def sandbox_stop(*, sandbox: Sandbox, reason: EndReason) -> Sandbox:
     """End a sandbox now for `reason`; its container is removed in the background."""
     with transaction.atomic():
-        updated = Sandbox.objects.filter(pk=sandbox.pk, state__in=ACTIVE_STATES).update(
-            state=SandboxState.STOPPING, end_reason=reason
-        )
-        if updated:
-            from .tasks import sandbox_teardown_task
-
-            sandbox_id = sandbox.pk
-            transaction.on_commit(lambda: sandbox_teardown_task.delay(sandbox_id))
+        stopped = _mark_stopping(sandbox, reason=reason)
     sandbox.refresh_from_db()
-    if updated:
+    if stopped:
         sandbox_publish(sandbox=sandbox)
     return sandbox
+
+
+def sandbox_replace(
+    *,
+    sandbox: Sandbox,
+    user: AbstractBaseUser | AnonymousUser | None,
+    lesson: Lesson,
+    client_address: str = "",
+) -> Sandbox:
+    """Stop one of an owner's sandboxes and start theirs for `lesson` in its place: both or neither, so a start
+    that is still refused (the host or the network full) leaves the sandbox it would have replaced running, and
+    one already live for `lesson` (another button pressed first) stops nothing."""
+    with transaction.atomic():
+        already = Sandbox.objects.active().filter(owner_key=sandbox.owner_key, lesson=lesson).exists()
+        stopped = not already and _mark_stopping(sandbox, reason=EndReason.STOPPED)
+        started = sandbox_start(
+            owner_key=sandbox.owner_key, user=user, lesson=lesson, client_address=client_address
+        )
+    sandbox.refresh_from_db()
+    if stopped:
+        sandbox_publish(sandbox=sandbox)
+    return started
 
 
 def sandbox_teardown(*, sandbox_id: int) -> None:

@@ -157,6 +157,60 @@ def test_ending_the_site_ends_every_live_sandbox(memory_backend: type[MemoryBack
     assert services.sandbox_end_all(reason=EndReason.SHUTDOWN) == []
 
 
+@override_settings(SANDBOX_PER_OWNER=2)
+def test_at_the_cap_the_refusal_names_the_owners_sandboxes_and_stops_none(
+    memory_backend: type[MemoryBackend], lesson: Lesson
+) -> None:
+    two = Lesson.objects.create(slug="two", title="Two", body="text")
+    three = Lesson.objects.create(slug="three", title="Three", body="text")
+    first, second = _start(lesson), _start(two)
+    _start(three, owner="anon-b")
+    with pytest.raises(services.TooManySandboxes, match="You already have 2 sandboxes running") as refused:
+        _start(three)
+    assert [sandbox.pk for sandbox in refused.value.stoppable] == [second.pk, first.pk]
+    assert Sandbox.objects.active().filter(owner_key="anon-a").count() == 2
+
+
+@override_settings(SANDBOX_PER_OWNER=2)
+def test_replacing_stops_the_chosen_sandbox_and_starts_the_lesson(
+    memory_backend: type[MemoryBackend], lesson: Lesson, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    two = Lesson.objects.create(slug="two", title="Two", body="text")
+    three = Lesson.objects.create(slug="three", title="Three", body="text")
+    first, second = _start(lesson), _start(two)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        started = services.sandbox_replace(sandbox=first, user=None, lesson=three)
+    assert len(callbacks) == 2  # the teardown of one, the launch of the other, once both are committed
+    services.sandbox_teardown(sandbox_id=first.pk)
+    services.sandbox_launch(sandbox_id=started.pk)
+    first.refresh_from_db()
+    assert (started.owner_key, started.lesson) == ("anon-a", three)
+    assert Sandbox.objects.get(pk=started.pk).state == SandboxState.READY
+    assert (first.state, first.end_reason) == (SandboxState.ENDED, EndReason.STOPPED)
+    assert set(memory_backend.running) == {second.pk, started.pk}
+    # Pressed again, or on the other sandbox's button, after the lesson's sandbox started: nothing more stops.
+    assert services.sandbox_replace(sandbox=second, user=None, lesson=three).pk == started.pk
+    assert Sandbox.objects.get(pk=second.pk).state == SandboxState.READY
+
+
+@override_settings(SANDBOX_PER_NETWORK=1)
+def test_a_replacement_still_refused_keeps_the_sandbox_it_would_have_stopped(
+    memory_backend: type[MemoryBackend], lesson: Lesson, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    two = Lesson.objects.create(slug="two", title="Two", body="text")
+    mine = services.sandbox_start(owner_key="anon-a", user=None, lesson=lesson, client_address="198.51.100.1")
+    services.sandbox_start(owner_key="anon-b", user=None, lesson=lesson, client_address="203.0.113.7")
+    with (
+        django_capture_on_commit_callbacks(execute=False) as callbacks,
+        pytest.raises(services.TooManySandboxes, match="your network") as refused,
+    ):
+        services.sandbox_replace(sandbox=mine, user=None, lesson=two, client_address="203.0.113.7")
+    assert refused.value.stoppable == []
+    assert callbacks == []
+    assert Sandbox.objects.get(pk=mine.pk).state == SandboxState.QUEUED
+    assert not Sandbox.objects.filter(lesson=two).exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_starts_at_once_cannot_pass_the_caps_together(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two browsers of one owner (or one network) starting at the same moment: the check and the insert are
