@@ -1220,7 +1220,7 @@ CONFIGURATION_GROWTH_MAX = DOCKERFILE_MAX
 BUILDER_VARIABLE_BYTES = 256
 UNEXPANDED_INSTRUCTIONS = frozenset(["RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK", "SHELL", "MAINTAINER"])
 EXPOSED_PORT_BYTES = 16
-PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
+PORT_RANGE_RE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
 
 
 def _volume_count(args: str) -> int:
@@ -1233,17 +1233,52 @@ def _volume_count(args: str) -> int:
     return max(words, len(decoded) if isinstance(decoded, list) else 0)
 
 
-def _exposed_ports(args: str) -> int:
+VARIABLE_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+ANY_PORT = 65535
+
+
+def _exposed_ports(args: str, values: dict[str, str]) -> int:
+    """How many ports an EXPOSE names, its variables taken at the values they are known to have; one of
+    unknown value could name a range of every port."""
     ports = 0
-    for word in args.split():
+    for word in VARIABLE_RE.sub(lambda m: values.get(m.group(1) or m.group(2), "$"), args).split():
         if "$" in word:
-            return 65535
+            return ANY_PORT
         span = PORT_RANGE_RE.match(word)
         ports += max(int(span.group(2)) - int(span.group(1)) + 1, 1) if span else 1
     return ports
 
 
-def configuration_growth(instructions: list[Instruction], *, bases: list[dict[str, Any]], outside: int = 0) -> int:
+def _set_values(
+    instruction: Instruction, values: dict[str, str], build_args: dict[str, str], *, env_known: bool
+) -> None:
+    """The variables an ARG or ENV sets, where their values are plain text (a value naming a variable, quoted
+    or escaped, is not known); a build argument given for an ARG is its value, and an ARG given none is empty
+    unless the base's environment (when known) sets it."""
+    pairs = [word.partition("=") for word in instruction.args.split()]
+    if instruction.word == "ENV" and pairs and not pairs[0][1]:
+        name, _, value = instruction.args.partition(" ")
+        pairs = [(name, "=", value.strip())]
+    for name, equals, value in pairs:
+        if instruction.word == "ARG" and name in build_args:
+            value, equals = build_args[name], "="
+        elif instruction.word == "ARG" and not equals:
+            if env_known and name not in values:
+                values[name] = ""
+            continue
+        if equals and not set(value) & set("$\\\"'"):
+            values[name] = value
+        else:
+            values.pop(name, None)
+
+
+def configuration_growth(
+    instructions: list[Instruction],
+    *,
+    bases: list[dict[str, Any]],
+    outside: int = 0,
+    build_args: dict[str, str] | None = None,
+) -> int:
     """At most how many bytes the instructions add to an image's configuration beyond their own text, on the
     given base configurations (and with variables from outside, build arguments, of at most `outside` bytes):
     each `$` is taken to name the largest variable there could be. Refused past the sandbox's bounds, as are
@@ -1253,11 +1288,20 @@ def configuration_growth(instructions: list[Instruction], *, bases: list[dict[st
         [outside, BUILDER_VARIABLE_BYTES, *(len(str(e)) for base in bases for e in base.get("Env") or [])]
     )
     growth = 0
+    # The variables' values, where known: the base's environment when there is one base (a commit, or a build
+    # of one stage), and what each stage's ARG and ENV lines set.
+    env_known = len(bases) == 1
+    base_env = dict(str(e).partition("=")[::2] for e in bases[0].get("Env") or []) if env_known else {}
+    values = dict(base_env)
     for instruction in instructions:
+        if instruction.word == "FROM":
+            values = dict(base_env)
+        if instruction.word in ("ARG", "ENV"):
+            _set_values(instruction, values, build_args or {}, env_known=env_known)
         if instruction.word == "VOLUME":
             volumes += _volume_count(instruction.args)
         if instruction.word == "EXPOSE":
-            growth += EXPOSED_PORT_BYTES * _exposed_ports(instruction.args)
+            growth += EXPOSED_PORT_BYTES * _exposed_ports(instruction.args, values)
         if instruction.word not in UNEXPANDED_INSTRUCTIONS:
             named = largest * sum(text.count("$") for text in (*instruction.flags, instruction.args))
             growth += named

@@ -1896,7 +1896,10 @@ class StudentGateway:
         bases = [self._find_image(views, image).id for image in plan.images.values()]
         configs = [(await self.engine.json("GET", f"/images/{base}/json")).get("Config") or {} for base in bases]
         growth = policy.configuration_growth(
-            plan.dockerfile.instructions, bases=configs, outside=len(request.arg("buildargs"))
+            plan.dockerfile.instructions,
+            bases=configs,
+            outside=len(request.arg("buildargs")),
+            build_args={k: v for k, v in (build_args or {}).items() if isinstance(v, str)},
         )
         added += 3 * growth
         await self._refuse_heavy_image(

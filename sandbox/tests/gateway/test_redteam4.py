@@ -74,6 +74,8 @@ MULTIPLYING = {
     "ENV naming ENV": f"ENV a={'x' * 1000}\nENV b={_named('a')}\nENV c={_named('b')}\nENV d={_named('c', 3)}\n",
     "ARG naming ARG": f"ARG a={'x' * 1000}\nARG b={_named('a')}\nARG c={_named('b')}\nENV d={_named('c', 3)}\n",
     "EXPOSE range": "EXPOSE 1-65535\n",
+    "EXPOSE range in a variable": "ARG P=1-65535\nEXPOSE $P\n",
+    "EXPOSE of numbers too long to read": f"EXPOSE 1-{'9' * 5000}\n",
 }
 
 
@@ -85,11 +87,15 @@ def test_variables_and_port_ranges_cannot_multiply_an_images_configuration(
     assert answer.status == 403 and "may add at most 256 KB" in answer.message, answer.body
     assert owned_objects(engine, student)["images"] == []
     # As lessons use them, variables are as docker has them.
-    usual = "ARG APP=/app\nENV PATH=$PATH:$APP/bin HOME=$APP\nWORKDIR $HOME\nEXPOSE 8000-8010\nRUN echo $PATH\n"
+    usual = (
+        "ARG APP=/app\nENV PATH=$PATH:$APP/bin HOME=$APP\nWORKDIR $HOME\nEXPOSE 8000-8010\nARG PORT=8080\n"
+        "EXPOSE $PORT\nRUN echo $PATH\n"
+    )
     built = student.build(f"FROM {curated_image}\n{usual}", tag="usual")
     assert built.status == 200 and b"Successfully built" in built.body, built.body
     config = student.call("GET", "/v1.41/images/usual/json").json()["Config"]
     assert config["WorkingDir"] == "/app" and "PATH=/bin:/app/bin" in config["Env"], config
+    assert "8080/tcp" in config["ExposedPorts"], config
 
 
 def test_a_commit_cannot_multiply_its_containers_variables(student: StudentSession, curated_image: str) -> None:
