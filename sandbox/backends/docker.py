@@ -260,8 +260,14 @@ class DockerBackend(SandboxBackend):
         return Poll(SandboxPhase.EXITED, exit_code=info["State"].get("ExitCode"))
 
     def reap(self, *, keep: set[int]) -> list[str]:
+        from sandbox.gateway.client import gateway_session_purge, sessions_with_images
+
         api = self.client.api
         removed: list[str] = []
+        # What a student built, committed or named outlives their sandbox's teardown when the teardown did not
+        # run (the record deleted) or failed part way. Listed first, while `keep` is fresh: a sandbox started
+        # since has had no time to make images, so none of a live one is taken for an orphan's.
+        image_sessions = sessions_with_images()
         mine = {"label": [f"{MANAGED}=1", f"{NAMESPACE}={settings.SANDBOX_NAMESPACE}"]}
         for container in api.containers(all=True, filters=mine):
             session = _session_of(container.get("Labels") or {})
@@ -293,11 +299,7 @@ class DockerBackend(SandboxBackend):
             except docker.errors.APIError as exc:
                 if not _gone(exc):
                     raise
-        # What a student built, committed or named outlives their sandbox's teardown when the teardown did not
-        # run (the record deleted) or failed part way.
-        from sandbox.gateway.client import gateway_session_purge, sessions_with_images
-
-        for session in sorted(sessions_with_images() - keep):
+        for session in sorted(image_sessions - keep):
             gateway_session_purge(session_id=session)
             removed.append(f"images of session {session}")
         return removed

@@ -77,6 +77,7 @@ def test_one_exit_too_many_only_warns_and_an_exit_right_after_it_leaves(
             await term.until(lambda t: b"Welcome to your Layercake workstation" in t.screen and b"$ " in t.screen)
             await term.run("docker run -it --rm busybox sh -c 'echo inside-$((2+2))'", b"inside-4")
             await term.until(lambda t: bytes(t.screen).rstrip().endswith(b"$"))
+            await term.run("(exit 3); echo subshell-$?", b"subshell-3")
             await term.run("exit", b"Type exit again to leave.")
             await term.run("echo still-$((1+1))", b"still-2")
             # An exit that does not follow a warned one warns again; the one right after it leaves.

@@ -31,7 +31,8 @@ if shopt -q login_shell; then
     _layercake_exit_at=-2
     PROMPT_COMMAND="_layercake_prompts=\$((_layercake_prompts + 1))${PROMPT_COMMAND:+; $PROMPT_COMMAND}"
     exit() {
-        if [ "$_layercake_exit_at" -eq $((_layercake_prompts - 1)) ]; then
+        # A subshell's exit, as in $(...) or ( ... ), leaves only the subshell.
+        if [ "$BASH_SUBSHELL" -gt 0 ] || [ "$_layercake_exit_at" -eq $((_layercake_prompts - 1)) ]; then
             builtin exit "$@"
         fi
         _layercake_exit_at=$_layercake_prompts
