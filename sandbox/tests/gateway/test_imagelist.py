@@ -125,6 +125,15 @@ async def test_nothing_is_kept_while_a_change_is_under_way_or_the_engine_is_not_
     await images.entries()
     assert counting.lists == 4
 
+    # Nor past its age, whatever the events say.
+    images.max_age = 0.5
+    await images.entries()
+    lists = counting.lists
+    await asyncio.sleep(0.6)
+    await images.entries()
+    await images.entries()
+    assert counting.lists == lists + 1
+
     unfollowed = CountingEngine(settings.SANDBOX_DOCKER_URL.removeprefix("unix://"))
     fresh = ImageList(unfollowed)
     await fresh.entries()
