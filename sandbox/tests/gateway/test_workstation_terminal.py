@@ -1,15 +1,19 @@
 """The lesson terminal in the student's workstation: the spine and the gateway together, for real."""
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import docker
 import pytest
 from django.conf import settings
 from django.test import Client
+from websockets.asyncio.client import ClientConnection
 
 from lessons.models import Lesson
 from sandbox import protocol
+from sandbox.models import Sandbox
 from sandbox.tests.test_terminal_live import Terminal, _start, _ws, wait_until_ended
 
 from .conftest import WORKSTATION_IMAGE, GatewayProcess
@@ -30,21 +34,35 @@ def _session_objects(session_id: int) -> list[str]:
         engine.close()
 
 
+def _workstation_sandbox(slug: str) -> tuple[Client, Sandbox]:
+    """A sandbox started from a lesson page whose image is the workstation, and the student's client."""
+    lesson = Lesson.objects.create(slug=slug, title=slug.title(), body="text", image=WORKSTATION_IMAGE)
+    client = Client()
+    return client, _start(client, lesson)
+
+
+@contextlib.asynccontextmanager
+async def _at_the_prompt(
+    live_asgi: str, sandbox: Sandbox, client: Client
+) -> AsyncIterator[tuple[ClientConnection, Terminal]]:
+    """The sandbox's terminal, once the workstation has printed its welcome and its first prompt."""
+    async with _ws(live_asgi, sandbox.pk, client) as ws:
+        term = Terminal(ws)
+        await term.hello()
+        await term.until(lambda t: t.state() == "ready", within=60)
+        await term.until(lambda t: b"Welcome to your Layercake workstation" in t.screen and b"$ " in t.screen)
+        yield ws, term
+
+
 @pytest.mark.usefixtures("engine_cleanup")
 def test_the_terminal_opens_in_the_workstation_with_a_working_docker(
     live_asgi: str, gateway_process: GatewayProcess
 ) -> None:
-    lesson = Lesson.objects.create(slug="docker", title="Docker", body="text", image=WORKSTATION_IMAGE)
-    client = Client()
-    sandbox = _start(client, lesson)
+    client, sandbox = _workstation_sandbox("docker")
 
     async def session() -> None:
-        async with _ws(live_asgi, sandbox.pk, client) as ws:
-            term = Terminal(ws)
-            await term.hello()
-            await term.until(lambda t: t.state() == "ready", within=60)
+        async with _at_the_prompt(live_asgi, sandbox, client) as (_, term):
             # The welcome is printed before anyone types, and nothing wipes it: the gate's byte is not echoed.
-            await term.until(lambda t: b"Welcome to your Layercake workstation" in t.screen and b"$ " in t.screen)
             assert b"\x1b[2J" not in term.screen and b"^L" not in term.screen and b"^M" not in term.screen
             await term.run("id -u; echo $DOCKER_HOST", b"unix:///run/layercake/docker.sock")
             await term.run("docker ps -a", b"CONTAINER ID")
@@ -65,16 +83,10 @@ def test_one_exit_too_many_only_warns_and_an_exit_right_after_it_leaves(
     live_asgi: str, gateway_process: GatewayProcess
 ) -> None:
     """Leaving the workstation's shell ends the sandbox, an easy slip after leaving a container's shell."""
-    lesson = Lesson.objects.create(slug="leave", title="Leave", body="text", image=WORKSTATION_IMAGE)
-    client = Client()
-    sandbox = _start(client, lesson)
+    client, sandbox = _workstation_sandbox("leave")
 
     async def session() -> None:
-        async with _ws(live_asgi, sandbox.pk, client) as ws:
-            term = Terminal(ws)
-            await term.hello()
-            await term.until(lambda t: t.state() == "ready", within=60)
-            await term.until(lambda t: b"Welcome to your Layercake workstation" in t.screen and b"$ " in t.screen)
+        async with _at_the_prompt(live_asgi, sandbox, client) as (ws, term):
             await term.run("docker run -it --rm busybox sh -c 'echo inside-$((2+2))'", b"inside-4")
             await term.until(lambda t: bytes(t.screen).rstrip().endswith(b"$"))
             await term.run("(exit 3); echo subshell-$?", b"subshell-3")
