@@ -1,11 +1,15 @@
 """Lessons: loading the built-in ones from their files, and rendering their text."""
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import markdown
+import nh3
 import yaml
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils.safestring import SafeString, mark_safe
 
@@ -53,9 +57,9 @@ def lesson_parse(*, text: str, source: str) -> LessonFile:
     if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
         raise LessonFileError(f"{source}: 'concepts' must be a list of concept ids")
     position = meta.get("position", 0)
-    if not isinstance(position, int):
+    if not isinstance(position, int) or isinstance(position, bool):
         raise LessonFileError(f"{source}: 'position' must be a whole number")
-    return LessonFile(
+    parsed = LessonFile(
         slug=meta["slug"].strip(),
         title=meta["title"].strip(),
         summary=str(meta.get("summary") or "").strip(),
@@ -64,10 +68,51 @@ def lesson_parse(*, text: str, source: str) -> LessonFile:
         concepts=concepts,
         body=body.strip() + "\n",
     )
+    try:
+        Lesson(slug=parsed.slug, **_fields(parsed)).full_clean(validate_unique=False, validate_constraints=False)
+    except ValidationError as exc:
+        problems = "; ".join(f"'{name}': {' '.join(errors)}" for name, errors in exc.message_dict.items())
+        raise LessonFileError(f"{source}: {problems}") from exc
+    return parsed
 
 
-def lessons_load(*, directory: Path = CONTENT_DIR) -> list[Lesson]:
-    """Create or update a lesson for every file in `directory`. All files are checked before any is saved."""
+LOADED_FIELDS = ("title", "summary", "position", "image", "concepts", "body")
+
+
+@dataclass
+class LessonLoad:
+    """What loading the built-in lessons did. `kept` were edited since they were last loaded (in the admin,
+    say) and keep those edits; of them, `conflicts` also have a file that changed since."""
+
+    created: list[Lesson] = field(default_factory=list)
+    updated: list[Lesson] = field(default_factory=list)
+    unchanged: list[Lesson] = field(default_factory=list)
+    kept: list[Lesson] = field(default_factory=list)
+    conflicts: list[Lesson] = field(default_factory=list)
+
+    @property
+    def lessons(self) -> list[Lesson]:
+        return self.created + self.updated + self.unchanged + self.kept
+
+
+def _fields(item: LessonFile | Lesson) -> dict[str, Any]:
+    return {name: getattr(item, name) for name in LOADED_FIELDS}
+
+
+def _digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def lesson_is_edited(*, lesson: Lesson) -> bool:
+    """Whether a built-in lesson differs from what was last loaded from its file. A lesson made in the
+    admin has no file and counts as edited."""
+    return lesson.source_digest != _digest(_fields(lesson))
+
+
+def lesson_files(*, directory: Path | None = None) -> dict[str, LessonFile]:
+    """Every lesson file in `directory` (the built-in lessons' by default) by slug, all of them checked; the
+    first bad one raises."""
+    directory = directory or CONTENT_DIR
     parsed = [
         lesson_parse(text=path.read_text(encoding="utf-8"), source=path.name)
         for path in sorted(directory.glob("*.md"))
@@ -76,24 +121,54 @@ def lessons_load(*, directory: Path = CONTENT_DIR) -> list[Lesson]:
     duplicates = {slug for slug in slugs if slugs.count(slug) > 1}
     if duplicates:
         raise LessonFileError(f"two lesson files share the slug {', '.join(sorted(duplicates))}")
-    lessons = []
+    return {item.slug: item for item in parsed}
+
+
+def _apply(lesson: Lesson, item: LessonFile) -> None:
+    fields = _fields(item)
+    for name, value in fields.items():
+        setattr(lesson, name, value)
+    lesson.source_digest = _digest(fields)
+    lesson.save()
+
+
+def lessons_load(*, directory: Path | None = None) -> LessonLoad:
+    """Create or update a lesson for every file in `directory`, keeping any lesson edited since it was last
+    loaded. All files are checked before any is saved."""
+    files = lesson_files(directory=directory)
+    report = LessonLoad()
     with transaction.atomic():
-        for item in parsed:
-            lesson, _ = Lesson.objects.update_or_create(
-                slug=item.slug,
-                defaults={
-                    "title": item.title,
-                    "summary": item.summary,
-                    "position": item.position,
-                    "image": item.image,
-                    "concepts": item.concepts,
-                    "body": item.body,
-                },
-            )
-            lessons.append(lesson)
-    return lessons
+        existing = {lesson.slug: lesson for lesson in Lesson.objects.select_for_update().filter(slug__in=files)}
+        for slug, item in files.items():
+            lesson = existing.get(slug)
+            if lesson is None:
+                lesson = Lesson(slug=slug)
+                _apply(lesson, item)
+                report.created.append(lesson)
+            elif lesson_is_edited(lesson=lesson):
+                report.kept.append(lesson)
+                if lesson.source_digest != _digest(_fields(item)):
+                    report.conflicts.append(lesson)
+            elif _fields(lesson) != _fields(item):
+                _apply(lesson, item)
+                report.updated.append(lesson)
+            else:
+                report.unchanged.append(lesson)
+    return report
+
+
+def lesson_restore(*, lesson: Lesson, directory: Path | None = None) -> None:
+    """Put a built-in lesson back as its file has it, dropping edits made since it was loaded."""
+    item = lesson_files(directory=directory).get(lesson.slug)
+    if item is None:
+        raise LessonFileError(f"no lesson file has the slug {lesson.slug!r}: this lesson was made here")
+    with transaction.atomic():
+        _apply(lesson, item)
 
 
 def lesson_render(*, lesson: Lesson) -> SafeString:
+    """The lesson's text as HTML. Markdown passes raw HTML through, so what it makes is cleaned: a lesson's
+    author writes the words on the page that holds the student's terminal, not scripts that could type in it."""
     html = markdown.markdown(lesson.body, extensions=["fenced_code", "tables", "sane_lists"])
-    return mark_safe(html)
+    attributes = {**nh3.ALLOWED_ATTRIBUTES, "code": {"class"}}  # a fenced block's language
+    return mark_safe(nh3.clean(html, attributes=attributes))
