@@ -1220,7 +1220,6 @@ CONFIGURATION_GROWTH_MAX = DOCKERFILE_MAX
 BUILDER_VARIABLE_BYTES = 256
 UNEXPANDED_INSTRUCTIONS = frozenset(["RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK", "SHELL", "MAINTAINER"])
 EXPOSED_PORT_BYTES = 16
-PORT_RANGE_RE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
 
 
 def _volume_count(args: str) -> int:
@@ -1234,42 +1233,109 @@ def _volume_count(args: str) -> int:
 
 
 VARIABLE_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+VARIABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PLAIN_VALUE_RE = re.compile(r"[^$\"'\\`]*")
 ANY_PORT = 65535
 
 
-def _exposed_ports(args: str, values: dict[str, str]) -> int:
+def _port_number(text: str) -> int | None:
+    """A port as the engine reads it (Go's ParseUint of 16 bits: any number of leading zeros)."""
+    digits = text.lstrip("0") or ("0" if text else "")
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 5 or int(digits) > ANY_PORT:
+        return None
+    return int(digits)
+
+
+def _exposed_ports(args: str, value: Callable[[str], str | None]) -> int:
     """How many ports an EXPOSE names, its variables taken at the values they are known to have; one of
-    unknown value could name a range of every port."""
+    unknown value, a word with quotes or escapes, or a range of numbers not read here, could name a range of
+    every port. The engine reads each word as [IP:[HOSTPORT]:]PORT[-END][/PROTO] (the two first numbers of a range
+    of more) and exposes each of the container's ports."""
     ports = 0
-    for word in VARIABLE_RE.sub(lambda m: values.get(m.group(1) or m.group(2), "$"), args).split():
-        if "$" in word:
+
+    def expanded(match: re.Match[str]) -> str:
+        known = value(match.group(1) or match.group(2))
+        return "$" if known is None else known
+
+    for word in VARIABLE_RE.sub(expanded, args).split():
+        if "$" in word or QUOTES_AND_ESCAPES_RE.search(word):
             return ANY_PORT
-        span = PORT_RANGE_RE.match(word)
-        ports += max(int(span.group(2)) - int(span.group(1)) + 1, 1) if span else 1
+        span = word.rpartition(":")[2].partition("/")[0].split("-")
+        if len(span) == 1:
+            ports += 1
+            continue
+        first, last = _port_number(span[0]), _port_number(span[1])
+        if first is None or last is None:
+            return ANY_PORT
+        ports += max(last - first + 1, 1)
     return ports
 
 
-def _set_values(
-    instruction: Instruction, values: dict[str, str], build_args: dict[str, str], *, env_known: bool
-) -> None:
-    """The variables an ARG or ENV sets, where their values are plain text (a value naming a variable, quoted
-    or escaped, is not known); a build argument given for an ARG is its value, and an ARG given none is empty
-    unless the base's environment (when known) sets it."""
-    pairs = [word.partition("=") for word in instruction.args.split()]
-    if instruction.word == "ENV" and pairs and not pairs[0][1]:
-        name, _, value = instruction.args.partition(" ")
-        pairs = [(name, "=", value.strip())]
-    for name, equals, value in pairs:
-        if instruction.word == "ARG" and name in build_args:
-            value, equals = build_args[name], "="
-        elif instruction.word == "ARG" and not equals:
-            if env_known and name not in values:
-                values[name] = ""
-            continue
-        if equals and not set(value) & set("$\\\"'"):
-            values[name] = value
+def _words(args: str) -> list[str] | None:
+    """ENV's and ARG's words as the engine splits them (blanks outside quotes), or None where an escape or a
+    variable in a name could make them other variables than they read as."""
+    if "\\" in args or "`" in args:
+        return None
+    words: list[str] = []
+    word, quote, started = "", "", False
+    for char in args:
+        if quote:
+            word += char
+            quote = "" if char == quote else quote
+        elif char.isspace():
+            if started:
+                words.append(word)
+            word, started = "", False
         else:
-            values.pop(name, None)
+            word, started = word + char, True
+            quote = char if char in "\"'" else ""
+    if started:
+        words.append(word)
+    return words
+
+
+@dataclass
+class _Variables:
+    """What the builder expands a variable to in a stage: an ENV (the base image's, or the stage's) whatever
+    the order of the lines, or else an ARG of the stage (a build argument, its default, or the default of the
+    ARG of that name before the first FROM). None where that is not known."""
+
+    env: dict[str, str | None]
+    known: bool
+    args: dict[str, str | None] = field(default_factory=dict)
+
+    def value(self, name: str) -> str | None:
+        if name in self.env or not self.known:
+            return self.env.get(name)
+        return self.args.get(name)
+
+    def unknown(self) -> None:
+        self.env, self.known, self.args = {}, False, {}
+
+    def read(self, instruction: Instruction, build_args: dict[str, str], defaults: dict[str, str | None]) -> None:
+        words = _words(instruction.args)
+        if words is None:
+            self.unknown()
+            return
+        if instruction.word == "ENV" and words and "=" not in words[0]:
+            pairs = [(words[0], "=", instruction.args.partition(words[0])[2].strip())]
+        else:
+            pairs = [word.partition("=") for word in words]
+        for name, equals, text in pairs:
+            if not VARIABLE_NAME_RE.fullmatch(name):
+                self.unknown()
+                return
+            value: str | None = text if PLAIN_VALUE_RE.fullmatch(text) else None
+            if instruction.word == "ENV":
+                self.env[name] = value
+            elif name in build_args:
+                self.args[name] = build_args[name] if PLAIN_VALUE_RE.fullmatch(build_args[name]) else None
+            else:
+                self.args[name] = value if equals else defaults.get(name, "")
+
+
+def _environment(config: dict[str, Any]) -> dict[str, str | None]:
+    return {name: value for name, _, value in (str(e).partition("=") for e in config.get("Env") or [])}
 
 
 def configuration_growth(
@@ -1278,6 +1344,7 @@ def configuration_growth(
     bases: list[dict[str, Any]],
     outside: int = 0,
     build_args: dict[str, str] | None = None,
+    stage_bases: Mapping[int, dict[str, Any]] | None = None,
 ) -> int:
     """At most how many bytes the instructions add to an image's configuration beyond their own text, on the
     given base configurations (and with variables from outside, build arguments, of at most `outside` bytes):
@@ -1288,20 +1355,39 @@ def configuration_growth(
         [outside, BUILDER_VARIABLE_BYTES, *(len(str(e)) for base in bases for e in base.get("Env") or [])]
     )
     growth = 0
-    # The variables' values, where known: the base's environment when there is one base (a commit, or a build
-    # of one stage), and what each stage's ARG and ENV lines set.
-    env_known = len(bases) == 1
-    base_env = dict(str(e).partition("=")[::2] for e in bases[0].get("Env") or []) if env_known else {}
-    values = dict(base_env)
-    for instruction in instructions:
+    # The variables' values, where known: before any FROM, the base's environment when there is one base (a
+    # commit); at each FROM, that of the image it names (`stage_bases`, by the FROM's position), of the stage it
+    # names, or none (scratch).
+    variables = _Variables(_environment(bases[0]) if len(bases) == 1 else {}, known=len(bases) == 1)
+    defaults: dict[str, str | None] = {}
+    stages: dict[str, _Variables] = {}
+    stage = ""
+    in_stage = not any(instruction.word == "FROM" for instruction in instructions)
+    for position, instruction in enumerate(instructions):
         if instruction.word == "FROM":
-            values = dict(base_env)
+            if stage:
+                stages[stage] = variables
+            words = instruction.args.split()
+            image = words[0].lower() if words else ""
+            stage = words[2].lower() if len(words) == 3 else ""
+            if position in (stage_bases or {}):
+                variables = _Variables(_environment((stage_bases or {})[position]), known=True)
+            elif image in stages:
+                variables = _Variables(dict(stages[image].env), known=stages[image].known)
+            else:
+                variables = _Variables({}, known=image == "scratch")
+            in_stage = True
         if instruction.word in ("ARG", "ENV"):
-            _set_values(instruction, values, build_args or {}, env_known=env_known)
+            if in_stage:
+                variables.read(instruction, build_args or {}, defaults)
+            else:
+                meta = _Variables({}, known=True)
+                meta.read(instruction, build_args or {}, defaults)
+                defaults.update(meta.args)
         if instruction.word == "VOLUME":
             volumes += _volume_count(instruction.args)
         if instruction.word == "EXPOSE":
-            growth += EXPOSED_PORT_BYTES * _exposed_ports(instruction.args, values)
+            growth += EXPOSED_PORT_BYTES * _exposed_ports(instruction.args, variables.value)
         if instruction.word not in UNEXPANDED_INSTRUCTIONS:
             named = largest * sum(text.count("$") for text in (*instruction.flags, instruction.args))
             growth += named

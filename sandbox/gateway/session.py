@@ -1900,6 +1900,7 @@ class StudentGateway:
             bases=configs,
             outside=len(request.arg("buildargs")),
             build_args={k: v for k, v in (build_args or {}).items() if isinstance(v, str)},
+            stage_bases=dict(zip(plan.images, configs, strict=True)),
         )
         added += 3 * growth
         await self._refuse_heavy_image(

@@ -1,0 +1,90 @@
+"""Fifth red-team pass: EXPOSE and the variables it names read as the engine reads them, the shared image list,
+published addresses, labels and HTTP edge cases."""
+
+import json
+from urllib.parse import quote
+
+import docker
+import pytest
+
+from .conftest import StudentSession, dockerfile_context, owned_objects
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
+
+# Each names every port to the engine (a port each in the image's configuration), while read otherwise it names
+# one or none.
+EVERY_PORT = {
+    "no host port": "EXPOSE :1-65535\n",
+    "an address and no host port": "EXPOSE 0.0.0.0::1-65535\n",
+    "leading zeros": "EXPOSE 000001-65535\n",
+    "quotes": 'EXPOSE "1-65535"\n',
+    "a range of three numbers": "EXPOSE 1-65535-7\n",
+    "an ENV that an ARG of its name does not change": "ENV P=1-65535\nARG P\nEXPOSE $P\n",
+    "an ENV that a build argument does not change": "ENV P=1-65535\nARG P=80\nEXPOSE $P\n",
+    "the default of an ARG before FROM": "ARG P=1-65535\nFROM {base}\nARG P\nEXPOSE $P\n",
+    "an old-style ENV with a tab": "ARG P=80\nENV P\t1-65535\nEXPOSE $P\n",
+    "an ENV of a name in a variable": "ARG P=80\nARG K=P\nENV $K=1-65535\nEXPOSE $P\n",
+    "an ENV of the stage built on": "FROM {base} AS ports\nENV P=1-65535\nFROM ports\nARG P=80\nEXPOSE $P\n",
+    "an ENV of the base image": "FROM wide\nARG P=80\nEXPOSE $P\n",
+}
+
+
+@pytest.mark.parametrize("lines", EVERY_PORT.values(), ids=list(EVERY_PORT))
+def test_expose_counts_every_port_the_engine_would_expose(
+    student: StudentSession, curated_image: str, engine: docker.APIClient, lines: str
+) -> None:
+    built = student.build(f"FROM {curated_image}\nENV P=1-65535\n", tag="wide")
+    assert built.status == 200 and b"Successfully built" in built.body, built.body
+    dockerfile = lines.format(base=curated_image)
+    if not dockerfile.startswith(("ARG P=1-65535", "FROM")):
+        dockerfile = f"FROM {curated_image}\n{dockerfile}"
+    build_args = {} if lines.startswith("ARG P=1-65535") else {"P": "80"}
+    answer = student.call(
+        "POST",
+        "/v1.41/build?t=grown&buildargs=" + quote(json.dumps(build_args)),
+        body=dockerfile_context(dockerfile),
+        headers={"Content-Type": "application/x-tar"},
+    )
+    assert answer.status == 403 and "may add at most 256 KB" in answer.message, answer.body
+    assert student.call("GET", "/v1.41/images/grown/json").status == 404
+    assert len(owned_objects(engine, student)["images"]) == 1
+
+
+def test_a_commit_counts_every_port_the_engine_would_expose(student: StudentSession, curated_image: str) -> None:
+    created = student.call("POST", "/v1.41/containers/create?name=src", {"Image": curated_image})
+    assert created.status == 201, created.body
+    refused = student.call("POST", f"/v1.41/commit?container=src&repo=grown&changes={quote('EXPOSE :1-65535')}")
+    assert refused.status == 403 and "may add at most 256 KB" in refused.message, refused.body
+    assert student.call("GET", "/v1.41/images/grown/json").status == 404
+
+
+USUAL = {
+    "an ARG's default": ("ARG PORT=8080\nEXPOSE $PORT\n", {}, ["8080/tcp"]),
+    "a build argument": ("ARG PORT=8080\nEXPOSE $PORT\n", {"PORT": "9000"}, ["9000/tcp"]),
+    "an old-style ENV": ("ENV PORT 8080\nEXPOSE ${{PORT}}/tcp\n", {}, ["8080/tcp"]),
+    "an ARG before FROM": ("ARG PORT=8080\nFROM {base}\nARG PORT\nEXPOSE $PORT\n", {}, ["8080/tcp"]),
+    "a later stage": (
+        'FROM {base} AS build\nRUN true\nFROM {base}\nENV GREETING="hello world"\nARG PORT=8080\n'
+        "EXPOSE $PORT 8000-8002\n",
+        {},
+        ["8000/tcp", "8001/tcp", "8002/tcp", "8080/tcp"],
+    ),
+}
+
+
+@pytest.mark.parametrize(("lines", "build_args", "exposed"), USUAL.values(), ids=list(USUAL))
+def test_expose_of_a_variable_builds_as_lessons_write_it(
+    student: StudentSession, curated_image: str, lines: str, build_args: dict[str, str], exposed: list[str]
+) -> None:
+    dockerfile = lines.format(base=curated_image)
+    if not dockerfile.startswith(("ARG PORT=8080\nFROM", "FROM")):
+        dockerfile = f"FROM {curated_image}\n{dockerfile}"
+    answer = student.call(
+        "POST",
+        "/v1.41/build?t=web&buildargs=" + quote(json.dumps(build_args)),
+        body=dockerfile_context(dockerfile),
+        headers={"Content-Type": "application/x-tar"},
+    )
+    assert answer.status == 200 and b"Successfully built" in answer.body, answer.body
+    config = student.call("GET", "/v1.41/images/web/json").json()["Config"]
+    assert sorted(config["ExposedPorts"]) == exposed, config
