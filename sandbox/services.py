@@ -24,6 +24,7 @@ from .backends.base import (
     SandboxSpec,
 )
 from .models import ACTIVE_STATES, EndReason, Sandbox, SandboxState
+from .selectors import sandbox_deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -316,16 +317,15 @@ def sandbox_reap() -> ReapReport:
     runtime objects that belong to no live sandbox. Idempotent."""
     report = ReapReport()
     now = timezone.now()
-    idle_before = now - timedelta(seconds=settings.SANDBOX_IDLE_TIMEOUT)
     stuck_before = now - timedelta(seconds=settings.SANDBOX_START_TIMEOUT)
     backend = get_backend()
+    ended = {EndReason.MAX_AGE: report.expired, EndReason.IDLE: report.idle}
     for sandbox in Sandbox.objects.active():
-        if sandbox.expires_at <= now:
-            sandbox_stop(sandbox=sandbox, reason=EndReason.MAX_AGE)
-            report.expired.append(sandbox.pk)
-        elif sandbox.last_activity_at <= idle_before:
-            sandbox_stop(sandbox=sandbox, reason=EndReason.IDLE)
-            report.idle.append(sandbox.pk)
+        # The same deadlines the lesson page warns of.
+        deadline = sandbox_deadline_passed(sandbox=sandbox, now=now)
+        if deadline is not None:
+            sandbox_stop(sandbox=sandbox, reason=deadline.reason)
+            ended[deadline.reason].append(sandbox.pk)
         elif sandbox.state != SandboxState.READY and sandbox.created_at <= stuck_before:
             sandbox_stop(sandbox=sandbox, reason=EndReason.ERROR)
             report.stuck.append(sandbox.pk)

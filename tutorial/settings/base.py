@@ -110,10 +110,12 @@ CELERY_TASK_SOFT_TIME_LIMIT = 120
 CELERY_TASK_TIME_LIMIT = 150
 # Longer than any task's hard limit, so an unacknowledged task is never handed out twice while it still runs.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# The reaper ends a sandbox at its first run past one of its deadlines: up to this long after it.
+SANDBOX_REAP_INTERVAL = env_int("LAYERCAKE_REAP_INTERVAL", 20)
 CELERY_BEAT_SCHEDULE = {
     "sandbox-reap": {
         "task": "sandbox.tasks.sandbox_reap_task",
-        "schedule": float(env_int("LAYERCAKE_REAP_INTERVAL", 20)),
+        "schedule": float(SANDBOX_REAP_INTERVAL),
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
@@ -124,6 +126,10 @@ SANDBOX_DOCKER_URL = env_str("LAYERCAKE_DOCKER_URL", "unix:///var/run/docker.soc
 SANDBOX_IMAGE = env_str("LAYERCAKE_SANDBOX_IMAGE", "layercake/workstation:latest")
 SANDBOX_IDLE_TIMEOUT = env_int("LAYERCAKE_SANDBOX_IDLE_TIMEOUT", 15 * 60)
 SANDBOX_MAX_AGE = env_int("LAYERCAKE_SANDBOX_MAX_AGE", 60 * 60)
+# How long before each of those ends a sandbox the lesson page says so: typing puts off the idle timeout, and
+# nothing the maximum age.
+SANDBOX_IDLE_WARNING_LEAD = env_int("LAYERCAKE_SANDBOX_IDLE_WARNING_LEAD", 2 * 60)
+SANDBOX_MAX_AGE_WARNING_LEAD = env_int("LAYERCAKE_SANDBOX_MAX_AGE_WARNING_LEAD", 5 * 60)
 SANDBOX_CAPACITY = env_int("LAYERCAKE_SANDBOX_CAPACITY", 24)
 # Live sandboxes one owner may hold at once, across lessons: one student cannot fill the host.
 SANDBOX_PER_OWNER = env_int("LAYERCAKE_SANDBOX_PER_OWNER", 2)
