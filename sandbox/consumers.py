@@ -8,11 +8,13 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.utils import timezone
 
 from . import protocol, services, terminal
 from .backends.base import SandboxError
 from .models import Sandbox, SandboxState
 from .owners import owner_key_for_scope
+from .selectors import DeadlineNotice, sandbox_deadline_notice
 from .terminal import TerminalRelay, terminal_close, terminal_relay
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.max_frame = settings.TERMINAL_MAX_FRAME_BYTES
         self.hello_timer: asyncio.TimerHandle | None = None
         self.closing: asyncio.Task[None] | None = None
+        # What the browser was last told of the sandbox's deadlines, and the timer for when that next changes.
+        self.notice: DeadlineNotice | None = None
+        self.notice_timer: asyncio.TimerHandle | None = None
+        self.notice_check: asyncio.Task[None] | None = None
         sandbox_id = int(self.scope["url_route"]["kwargs"]["pk"])
         sandbox = await _owned_sandbox(sandbox_id, owner_key_for_scope(self.scope))
         await self.accept()
@@ -85,6 +91,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if self.closing_code is not None:
             return
         self.closing_code = code
+        self._cancel_timers()
         if self.relay is not None:
             self.relay.detach(self)
             self.relay = None
@@ -104,9 +111,13 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             return False
         return True
 
+    def _cancel_timers(self) -> None:
+        for timer in (self.hello_timer, self.notice_timer):
+            if timer is not None:
+                timer.cancel()
+
     async def disconnect(self, code: int) -> None:
-        if self.hello_timer is not None:
-            self.hello_timer.cancel()
+        self._cancel_timers()
         if self.sandbox is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
         if self.relay is not None:
@@ -147,7 +158,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def _note_activity(self) -> None:
         now = time.monotonic()
-        if now - self.last_touch >= settings.TERMINAL_ACTIVITY_WRITE_INTERVAL:
+        # Input while the idle timeout is being warned of puts it off at once, whenever the last write was.
+        warned = self.notice is not None and self.notice.input_puts_off
+        if warned or now - self.last_touch >= settings.TERMINAL_ACTIVITY_WRITE_INTERVAL:
             self.last_touch = now
             assert self.sandbox is not None
             await _touch(sandbox_id=self.sandbox.pk)
@@ -160,8 +173,23 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if sandbox.state in ENDED_STATES:
             await terminal_close(sandbox_id=sandbox.pk)
             await self._close(protocol.CLOSE_ENDED)
-        elif told and sandbox.state == SandboxState.READY and self.relay is None:
-            await self._attach(sandbox)
+        elif told and sandbox.state == SandboxState.READY:
+            await self._send_deadlines(sandbox)
+            if self.relay is None:
+                await self._attach(sandbox)
+
+    async def _send_deadlines(self, sandbox: Sandbox) -> None:
+        """Tell the browser which of the sandbox's ends are near, and look again when that would change."""
+        if self.notice_timer is not None:
+            self.notice_timer.cancel()
+            self.notice_timer = None
+        self.notice = sandbox_deadline_notice(sandbox=sandbox, now=timezone.now())
+        if self.notice.changes_in is not None:
+            self.notice_timer = asyncio.get_running_loop().call_later(self.notice.changes_in, self._deadlines_due)
+        await self._send(protocol.deadlines_frame(self.notice.near))
+
+    def _deadlines_due(self) -> None:
+        self.notice_check = asyncio.ensure_future(self.sandbox_deadlines({}))
 
     async def _attach(self, sandbox: Sandbox) -> None:
         assert self.hello is not None
@@ -220,3 +248,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             return
         self.sandbox = await _refresh(self.sandbox)
         await self._send_state(self.sandbox)
+
+    async def sandbox_deadlines(self, event: dict[str, Any]) -> None:
+        """The sandbox was used (in this tab or another), or a deadline's warning is due."""
+        if self.sandbox is None or self.hello is None or self.closing_code is not None:
+            return
+        self.sandbox = await _refresh(self.sandbox)
+        if self.sandbox.state == SandboxState.READY and self.closing_code is None:
+            await self._send_deadlines(self.sandbox)

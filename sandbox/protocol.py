@@ -1,18 +1,22 @@
 """The terminal websocket protocol. Every message is a binary frame whose first byte says what it is.
 
 Browser to server:
-    HELLO   0x01  u8 flags, u64 offset. First frame. Bit 0 of flags: the browser still has a screen that
-                  shows every output byte before `offset` (a reconnect after a network loss); otherwise it
-                  has nothing (a new tab) and the server replays what it kept.
-    INPUT   0x02  bytes for the shell.
-    RESIZE  0x03  u16 cols, u16 rows.
-    ACK     0x04  u64 offset: output bytes the browser has written to its screen.
+    HELLO     0x01  u8 flags, u64 offset. First frame. Bit 0 of flags: the browser still has a screen that
+                    shows every output byte before `offset` (a reconnect after a network loss); otherwise it
+                    has nothing (a new tab) and the server replays what it kept.
+    INPUT     0x02  bytes for the shell.
+    RESIZE    0x03  u16 cols, u16 rows.
+    ACK       0x04  u64 offset: output bytes the browser has written to its screen.
 
 Server to browser:
-    OUTPUT  0x81  u64 offset of the first byte, then the bytes.
-    REPLAY  0x82  u64 offset of the first byte, then the bytes. The browser resets its screen first, and
-                  drops the replies its terminal makes to queries found in these bytes.
-    STATUS  0x83  UTF-8 JSON: {"state": ..., "reason": ..., "message": ...}.
+    OUTPUT    0x81  u64 offset of the first byte, then the bytes.
+    REPLAY    0x82  u64 offset of the first byte, then the bytes. The browser resets its screen first, and
+                    drops the replies its terminal makes to queries found in these bytes.
+    STATUS    0x83  UTF-8 JSON: {"state": ..., "reason": ..., "message": ...}.
+    DEADLINES 0x84  UTF-8 JSON: {"deadlines": [{"reason": "idle" | "max_age", "remaining": seconds}, ...]}:
+                    the ends of a ready sandbox near enough to warn of, soonest first, none when none is. Sent
+                    after the status and whenever that changes; input puts off "idle". Seconds, not times, so
+                    that a browser whose clock is off still counts down right.
 
 Integers are big-endian. The browser acknowledges output as it renders it; the server keeps at most a
 window of unacknowledged bytes in flight and stops reading from the sandbox past that.
@@ -20,6 +24,7 @@ window of unacknowledged bytes in flight and stops reading from the sandbox past
 
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 HELLO = 0x01
@@ -29,6 +34,7 @@ ACK = 0x04
 OUTPUT = 0x81
 REPLAY = 0x82
 STATUS = 0x83
+DEADLINES = 0x84
 
 FLAG_HAS_SCREEN = 0x01
 
@@ -128,6 +134,13 @@ def replay_frame(offset: int, data: bytes) -> bytes:
 def status_frame(state: str, reason: str = "", message: str = "") -> bytes:
     payload = {"state": state, "reason": reason, "message": message}
     return bytes([STATUS]) + json.dumps(payload).encode()
+
+
+def deadlines_frame(deadlines: Iterable[tuple[str, float]]) -> bytes:
+    payload = {
+        "deadlines": [{"reason": reason, "remaining": round(remaining, 1)} for reason, remaining in deadlines]
+    }
+    return bytes([DEADLINES]) + json.dumps(payload).encode()
 
 
 def hello_frame(*, has_screen: bool, offset: int) -> bytes:

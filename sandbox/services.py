@@ -48,21 +48,25 @@ def sandbox_group(sandbox_id: int) -> str:
     return f"sandbox.{sandbox_id}"
 
 
-def sandbox_publish(*, sandbox: Sandbox) -> None:
-    """Tell every terminal watching this sandbox about its state."""
+def _group_send(sandbox_id: int, event: dict[str, str]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
+    try:
+        async_to_sync(layer.group_send)(sandbox_group(sandbox_id), event)
+    except Exception:
+        log.warning("could not tell the terminals of sandbox %s of %s", sandbox_id, event["type"], exc_info=True)
+
+
+def sandbox_publish(*, sandbox: Sandbox) -> None:
+    """Tell every terminal watching this sandbox about its state."""
     event = {
         "type": "sandbox.status",
         "state": sandbox.state,
         "reason": sandbox.end_reason,
         "message": sandbox_message(sandbox=sandbox),
     }
-    try:
-        async_to_sync(layer.group_send)(sandbox_group(sandbox.pk), event)
-    except Exception:
-        log.warning("could not publish the state of sandbox %s", sandbox.pk, exc_info=True)
+    _group_send(sandbox.pk, event)
 
 
 def sandbox_message(*, sandbox: Sandbox) -> str:
@@ -275,8 +279,10 @@ def sandbox_teardown(*, sandbox_id: int) -> None:
 
 
 def sandbox_touch(*, sandbox_id: int) -> None:
-    """Record that the student used the sandbox, which keeps it from the idle timeout."""
-    Sandbox.objects.filter(pk=sandbox_id, state__in=ACTIVE_STATES).update(last_activity_at=timezone.now())
+    """Record that the student used the sandbox, which puts off its idle timeout, and tell every terminal
+    watching it (another tab's may be warning of the timeout)."""
+    if Sandbox.objects.filter(pk=sandbox_id, state__in=ACTIVE_STATES).update(last_activity_at=timezone.now()):
+        _group_send(sandbox_id, {"type": "sandbox.deadlines"})
 
 
 def sandbox_shell_gone(*, sandbox_id: int) -> None:

@@ -51,3 +51,12 @@ def test_server_frames_carry_offsets_and_status() -> None:
     status = protocol.status_frame("ended", "idle", "The sandbox was idle for too long.")
     assert status[0] == protocol.STATUS
     assert json.loads(status[1:])["reason"] == "idle"
+
+
+def test_deadlines_carry_seconds_left_soonest_first() -> None:
+    frame = protocol.deadlines_frame([("idle", 59.96), ("max_age", 240.0)])
+    assert frame[0] == protocol.DEADLINES
+    assert json.loads(frame[1:]) == {
+        "deadlines": [{"reason": "idle", "remaining": 60.0}, {"reason": "max_age", "remaining": 240.0}]
+    }
+    assert json.loads(protocol.deadlines_frame([])[1:]) == {"deadlines": []}

@@ -5,11 +5,12 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import docker
 import pytest
 from django.conf import settings
-from django.test import Client
+from django.test import Client, override_settings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -29,6 +30,8 @@ class Terminal:
         self.ws = ws
         self.screen = bytearray()
         self.states: list[dict[str, str]] = []
+        # Each deadlines frame: the reasons near, with when each comes on this test's monotonic clock.
+        self.deadlines: list[dict[str, float]] = []
         self.offset = 0
         self.replays = 0
 
@@ -36,10 +39,19 @@ class Terminal:
         await self.ws.send(protocol.hello_frame(has_screen=has_screen, offset=self.offset))
         await self.ws.send(protocol.resize_frame(cols, rows))
 
+    async def ready(self) -> "Terminal":
+        """Open the terminal as a new tab does, once its sandbox is ready."""
+        await self.hello()
+        await self.until(lambda t: t.state() == "ready", within=60)
+        return self
+
     async def _take(self, frame: bytes) -> None:
         kind, body = frame[0], frame[1:]
         if kind == protocol.STATUS:
             self.states.append(json.loads(body))
+        elif kind == protocol.DEADLINES:
+            now = time.monotonic()
+            self.deadlines.append({d["reason"]: now + d["remaining"] for d in json.loads(body)["deadlines"]})
         elif kind in (protocol.OUTPUT, protocol.REPLAY):
             offset, data = int.from_bytes(body[:8], "big"), body[8:]
             if kind == protocol.REPLAY:
@@ -120,9 +132,7 @@ def test_start_type_resize_reconnect_and_stop(live_asgi: str, lesson: Lesson) ->
 
     async def session() -> None:
         async with _ws(live_asgi, sandbox.pk, client) as ws:
-            term = Terminal(ws)
-            await term.hello()
-            await term.until(lambda t: t.state() == "ready", within=60)
+            term = await Terminal(ws).ready()
             seen = [s["state"] for s in term.states]
             assert seen[-1] == "ready"
             await term.run("echo $((6*7))", b"42")
@@ -187,9 +197,7 @@ def test_malformed_frames_close_cleanly_and_absurd_sizes_are_ignored(live_asgi: 
 
     async def session() -> None:
         async with _ws(live_asgi, sandbox.pk, client) as ws:
-            term = Terminal(ws)
-            await term.hello()
-            await term.until(lambda t: t.state() == "ready", within=60)
+            term = await Terminal(ws).ready()
             await ws.send(protocol.resize_frame(0, 65535))
             await ws.send(protocol.resize_frame(65535, 65535))
             await term.run("stty size", b"30 100")
@@ -252,9 +260,7 @@ def test_when_the_shell_exits_the_page_is_told_why_and_nothing_is_left(live_asgi
 
     async def session() -> None:
         async with _ws(live_asgi, sandbox.pk, client) as ws:
-            term = Terminal(ws)
-            await term.hello()
-            await term.until(lambda t: t.state() == "ready", within=60)
+            term = await Terminal(ws).ready()
             await ws.send(protocol.input_frame(b"exit\r"))
             assert await term.closed() == protocol.CLOSE_ENDED
             assert term.states[-1]["reason"] == "exited"
@@ -277,9 +283,7 @@ def test_an_idle_sandbox_is_ended_by_the_reaper_and_the_page_is_told(live_asgi: 
 
     async def session() -> None:
         async with _ws(live_asgi, sandbox.pk, client) as ws:
-            term = Terminal(ws)
-            await term.hello()
-            await term.until(lambda t: t.state() == "ready", within=60)
+            term = await Terminal(ws).ready()
             await asyncio.to_thread(
                 lambda: Sandbox.objects.filter(pk=sandbox.pk).update(
                     last_activity_at=timezone.now() - timedelta(hours=1)
@@ -295,3 +299,89 @@ def test_an_idle_sandbox_is_ended_by_the_reaper_and_the_page_is_told(live_asgi: 
     wait_until_ended(sandbox)
     assert _engine_objects() == []
     assert "The sandbox was idle for too long." in client.get(f"/sandbox/{sandbox.pk}/").content.decode()
+
+
+def _seconds_to(when: datetime) -> float:
+    from django.utils import timezone
+
+    return (when - timezone.now()).total_seconds()
+
+
+def _sandbox(pk: int) -> Sandbox:
+    return Sandbox.objects.get(pk=pk)
+
+
+@override_settings(SANDBOX_IDLE_TIMEOUT=12, SANDBOX_IDLE_WARNING_LEAD=8)
+def test_the_page_is_warned_before_the_idle_timeout_and_input_withdraws_it(live_asgi: str, lesson: Lesson) -> None:
+    from sandbox.services import sandbox_reap
+    from sandbox.tasks import sandbox_reap_task
+
+    client = Client()
+    sandbox = _start(client, lesson)
+
+    async def session() -> None:
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            term = await Terminal(ws).ready()
+            told = len(term.deadlines)
+            await term.run("echo typed-$((1+1))", b"typed-2")
+            await term.until(lambda t: len(t.deadlines) > told and t.deadlines[-1] == {})
+
+            # No input for 4 s: 8 s before the timeout, the warning comes unasked, counting to the reaper's own
+            # deadline.
+            await term.until(lambda t: "idle" in t.deadlines[-1], within=10)
+            idle_at = (await asyncio.to_thread(_sandbox, sandbox.pk)).last_activity_at + timedelta(seconds=12)
+            assert abs(term.deadlines[-1]["idle"] - time.monotonic() - _seconds_to(idle_at)) < 1
+            assert 0 < term.deadlines[-1]["idle"] - time.monotonic() <= 8
+
+            # A key withdraws it, however recently input was written before.
+            await ws.send(protocol.input_frame(b" "))
+            await term.until(lambda t: t.deadlines[-1] == {}, within=5)
+            await term.until(lambda t: "idle" in t.deadlines[-1], within=10)
+
+        # A new tab opened meanwhile (or the same one reconnecting) is told at once.
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            tab = Terminal(ws)
+            await tab.hello()
+            await tab.until(lambda t: bool(t.deadlines), within=10)
+            assert "idle" in tab.deadlines[0]
+
+            # The reaper leaves the sandbox alone until the moment the page counts to.
+            deadline = tab.deadlines[-1]["idle"]
+            await asyncio.sleep(deadline - time.monotonic() - 2)
+            assert (await asyncio.to_thread(sandbox_reap)).idle == []
+            await asyncio.sleep(deadline - time.monotonic() + 0.5)
+            sandbox_reap_task.delay()
+            assert await tab.closed() == protocol.CLOSE_ENDED
+            assert tab.states[-1]["reason"] == "idle"
+
+    asyncio.run(session())
+    wait_until_ended(sandbox)
+
+
+@override_settings(SANDBOX_MAX_AGE=20, SANDBOX_MAX_AGE_WARNING_LEAD=15)
+def test_the_page_is_warned_before_the_maximum_age_and_input_does_not_put_it_off(
+    live_asgi: str, lesson: Lesson
+) -> None:
+    client = Client()
+    sandbox = _start(client, lesson)
+
+    async def session() -> None:
+        async with _ws(live_asgi, sandbox.pk, client) as ws:
+            term = await Terminal(ws).ready()
+            await term.until(lambda t: bool(t.deadlines) and "max_age" in t.deadlines[-1], within=15)
+            expires_at = term.deadlines[-1]["max_age"]
+            assert abs(expires_at - time.monotonic() - _seconds_to(sandbox.expires_at)) < 1
+            assert list(term.deadlines[-1]) == ["max_age"]
+
+            told = len(term.deadlines)
+            await term.run("echo typed-$((2+2))", b"typed-4")
+            await term.until(lambda t: len(t.deadlines) > told, within=5)
+            assert abs(term.deadlines[-1]["max_age"] - expires_at) < 1, "typing does not move the maximum age"
+
+            # The sandbox ends when the countdown said, and the page is told why.
+            assert await term.closed(within=30) == protocol.CLOSE_ENDED
+            assert abs(time.monotonic() - expires_at) < 5
+            assert term.states[-1]["reason"] == "max_age"
+
+    asyncio.run(session())
+    wait_until_ended(sandbox)
