@@ -561,7 +561,11 @@ def _port_bindings(raw: Any) -> list[PortBinding]:
             host_ip = "127.0.0.1" if host_ip == "localhost" else host_ip
             if not host_port:
                 raise Refused("choose the port in the sandbox: -p HOSTPORT:CONTAINERPORT (e.g. -p 8080:80)")
-            if not host_port.isdigit() or not 0 < int(host_port) < 65536 or not 0 < container_port < 65536:
+            if (
+                not re.fullmatch(r"[0-9]{1,5}", host_port)
+                or not 0 < int(host_port) < 65536
+                or not 0 < container_port < 65536
+            ):
                 raise HttpError(400, f"invalid port {host_port}")
             if proto != "tcp":
                 raise not_available("publishing a UDP or SCTP port")

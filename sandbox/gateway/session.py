@@ -57,7 +57,7 @@ DEFAULT_NETWORK_FIELDS = (
     "MacAddress",
 )
 MB = 1024 * 1024
-VERSION_RE = re.compile(r"^/v(\d+)\.(\d+)(/.*)$")
+VERSION_RE = re.compile(r"^/v([0-9]+)\.([0-9]+)(/.*)$")
 ANONYMOUS_VOLUME_RE = re.compile(r"[0-9a-f]{64}")
 # One student's sandbox needs a handful of connections; a cap keeps one from using up the gateway's files.
 MAX_CONNECTIONS = 64
@@ -397,14 +397,16 @@ class StudentGateway:
         path = request.path
         match = VERSION_RE.match(path)
         if match:
-            version = (int(match.group(1)), int(match.group(2)))
+            # Python reads no number of more than 4300 digits: one of ten is past any version already.
+            major, minor = (int(part) if len(part.lstrip("0")) < 10 else 10**9 for part in match.groups()[:2])
+            version = (major, minor)
             if version > tuple(int(p) for p in API_VERSION.split(".")):
                 await self._drain_and_fail(
                     side,
                     HttpError(
                         400,
-                        f"client version {version[0]}.{version[1]} is too new. Maximum supported API version "
-                        f"is {API_VERSION}",
+                        f"client version {match.group(1)}.{match.group(2)} is too new. Maximum supported API "
+                        f"version is {API_VERSION}",
                     ),
                 )
                 return False
@@ -964,7 +966,7 @@ class StudentGateway:
                 )
             ]
         limit = request.arg("limit")
-        if limit.lstrip("-").isdigit() and int(limit) > 0:
+        if re.fullmatch(r"[0-9]{1,9}", limit) and int(limit) > 0:
             views = views[: int(limit)]
         await side.respond(200, self.namer.unmask(json.dumps(views)).encode() + b"\n")
 

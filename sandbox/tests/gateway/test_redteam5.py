@@ -2,6 +2,7 @@
 published addresses, labels and HTTP edge cases."""
 
 import json
+from typing import Any
 from urllib.parse import quote
 
 import docker
@@ -88,3 +89,41 @@ def test_expose_of_a_variable_builds_as_lessons_write_it(
     assert answer.status == 200 and b"Successfully built" in answer.body, answer.body
     config = student.call("GET", "/v1.41/images/web/json").json()["Config"]
     assert sorted(config["ExposedPorts"]) == exposed, config
+
+
+NUMBERS = {
+    "a host port of a superscript digit": (
+        "POST",
+        "/v1.41/containers/create",
+        {"Image": "{image}", "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "\u00b2"}]}}},
+        400,
+    ),
+    "a host port of 5000 digits": (
+        "POST",
+        "/v1.41/containers/create",
+        {"Image": "{image}", "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "9" * 5000}]}}},
+        400,
+    ),
+    "a limit of a superscript digit": ("GET", "/v1.41/containers/json?limit=%C2%B2", None, 200),
+    "a limit of 5000 digits": ("GET", "/v1.41/containers/json?limit=" + "9" * 5000, None, 200),
+    "an API version of 5000 digits": ("GET", "/v" + "9" * 5000 + ".1/_ping", None, 400),
+}
+
+
+@pytest.mark.parametrize(("method", "path", "payload", "status"), NUMBERS.values(), ids=list(NUMBERS))
+def test_numbers_python_cannot_read_are_answered(
+    student: StudentSession,
+    curated_image: str,
+    engine: docker.APIClient,
+    method: str,
+    path: str,
+    payload: Any,
+    status: int,
+) -> None:
+    # Each was read with int() after a test that lets it through (str.isdigit, a Unicode \\d), and the
+    # request failed with no answer at all, the connection closed.
+    if payload is not None:
+        payload = json.loads(json.dumps(payload).replace("{image}", curated_image))
+    answer = student.call(method, path, payload)
+    assert answer.status == status, answer.body
+    assert owned_objects(engine, student)["containers"] == []
