@@ -8,6 +8,7 @@ export const ACK = 0x04;
 export const OUTPUT = 0x81;
 export const REPLAY = 0x82;
 export const STATUS = 0x83;
+export const DEADLINES = 0x84;
 
 export const FLAG_HAS_SCREEN = 0x01;
 
@@ -55,7 +56,8 @@ export function ack(offset) {
   return frame;
 }
 
-// Returns {kind, offset, data} for output and replay, {kind, status} for status, or null.
+// Returns {kind, offset, data} for output and replay, {kind, status} for status, {kind, deadlines} for
+// deadlines (each {reason, remaining}, remaining in seconds), or null.
 export function parse(buffer) {
   const bytes = new Uint8Array(buffer);
   if (bytes.length === 0) return null;
@@ -67,6 +69,9 @@ export function parse(buffer) {
   }
   if (kind === STATUS) {
     return { kind, status: JSON.parse(decoder.decode(bytes.subarray(1))) };
+  }
+  if (kind === DEADLINES) {
+    return { kind, deadlines: JSON.parse(decoder.decode(bytes.subarray(1))).deadlines };
   }
   return null;
 }

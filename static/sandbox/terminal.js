@@ -1,6 +1,7 @@
 // The lesson terminal: xterm.js on the sandbox's websocket. Mounts on every [data-terminal] element, at load
 // and after htmx swaps. The UMD builds of xterm.js and its addons (from Debian's packages) are loaded first
 // as classic scripts and found on window.
+import { DeadlineNotice } from "./deadlines.js";
 import * as wire from "./protocol.js";
 
 const ACK_EVERY = 32 * 1024;
@@ -33,6 +34,7 @@ class SandboxTerminal {
     this.notice = root.querySelector("[data-notice]");
     this.screen = root.querySelector("[data-screen]");
     this.hint = root.querySelector("[data-hint]");
+    this.deadlineNotice = new DeadlineNotice(root.querySelector("[data-deadline]"));
     this.state = root.dataset.state;
     this.ws = null;
     this.written = 0; // output bytes handed to xterm: the offset of the next byte
@@ -165,6 +167,8 @@ class SandboxTerminal {
     if (frame === null) return;
     if (frame.kind === wire.STATUS) {
       this.showState(frame.status.state, frame.status.message);
+    } else if (frame.kind === wire.DEADLINES) {
+      this.deadlineNotice.show(frame.deadlines);
     } else if (frame.kind === wire.REPLAY) {
       // A fresh screen from what the server kept. Queries in it (cursor position, device attributes) make
       // xterm answer; those answers belong to a past program, so they must not reach the shell.
@@ -234,6 +238,8 @@ class SandboxTerminal {
       this.stop();
       this.setNotice("This sandbox is not yours, or it no longer exists. Reload the page to start a new one.");
     } else if (code === wire.CLOSE_ELSEWHERE) {
+      // The tab with the terminal now is the one told of the sandbox's deadlines, which its input moves.
+      this.deadlineNotice.clear();
       this.setNotice("This terminal is open in another tab. ", "Use it here", () => this.connect());
     } else {
       this.setNotice("Connection lost. Reconnecting…");
@@ -278,6 +284,7 @@ class SandboxTerminal {
   // Everything but the page: the socket, timers and xterm. Safe to call more than once.
   stop() {
     this.finished = true;
+    this.deadlineNotice.clear();
     clearTimeout(this.retryTimer);
     clearTimeout(this.refitTimer);
     clearTimeout(this.ackTimer);

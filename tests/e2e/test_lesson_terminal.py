@@ -401,3 +401,46 @@ def test_a_keyboard_alone_leaves_the_terminal_and_comes_back(
             break
     assert in_terminal(page), "Tab reaches the terminal"
     run(page, "echo reached-$((5*5))", r"^reached-25$")
+
+
+# The browser's clock an hour slow: what the page counts down comes from the server's seconds, not its times.
+SLOW_CLOCK_JS = "(() => { const now = Date.now.bind(Date); Date.now = () => now() - 3600 * 1000; })()"
+CLOCK_JS = """(seconds) => new Intl.DateTimeFormat([], { hour: "numeric", minute: "2-digit" })
+  .format(Date.now() + seconds * 1000)"""
+
+
+def seconds_left(countdown: str) -> int:
+    shown = re.fullmatch(r"(\d+):(\d\d) left", countdown)
+    assert shown, f"the countdown shows {countdown!r}"
+    return int(shown.group(1)) * 60 + int(shown.group(2))
+
+
+@override_settings(SANDBOX_IDLE_TIMEOUT=40, SANDBOX_IDLE_WARNING_LEAD=34)
+def test_a_quiet_sandbox_warns_before_it_stops_and_a_key_withdraws_the_warning(
+    live_asgi: str, lesson: Lesson, student: Student
+) -> None:
+    student.context.add_init_script(SLOW_CLOCK_JS)
+    page = student.open(f"http://{live_asgi}{lesson.get_absolute_url()}")
+    start_sandbox(page)
+
+    # Six seconds without input: the panel says so, politely, and the student stays where they were.
+    warning = page.get_by_role("status").filter(has_text="no input for a while")
+    expect(warning).to_be_visible(timeout=20000)
+    expect(warning).to_have_attribute("aria-live", "polite")
+    assert in_terminal(page), "the warning takes no focus from the terminal"
+    countdown = page.locator("[data-deadline-countdown]")
+    expect(countdown).to_have_attribute("aria-hidden", "true")
+    left = seconds_left(countdown.inner_text())
+    assert 0 < left <= 34
+    # The time it names is on the browser's own clock, however wrong that is.
+    assert any(page.evaluate(CLOCK_JS, left + slack) in warning.inner_text() for slack in (-2, 0, 2))
+    page.wait_for_timeout(1500)
+    assert seconds_left(countdown.inner_text()) < left, "it counts down"
+
+    # A key in the terminal withdraws it at once; quiet again, it comes back with the deadline moved on.
+    page.keyboard.press("Space")
+    expect(page.locator("[data-deadline-text]")).to_have_text("", timeout=3000)
+    expect(countdown).to_have_text("")
+    expect(warning).to_be_visible(timeout=15000)
+    assert seconds_left(countdown.inner_text()) > 34 - 8
+    assert in_terminal(page)
