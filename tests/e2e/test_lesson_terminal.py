@@ -444,3 +444,23 @@ def test_a_quiet_sandbox_warns_before_it_stops_and_a_key_withdraws_the_warning(
     expect(warning).to_be_visible(timeout=15000)
     assert seconds_left(countdown.inner_text()) > 34 - 8
     assert in_terminal(page)
+
+
+@override_settings(SANDBOX_MAX_AGE=30, SANDBOX_MAX_AGE_WARNING_LEAD=26)
+def test_the_maximum_age_is_told_ahead_and_typing_does_not_put_it_off(
+    live_asgi: str, lesson: Lesson, student: Student
+) -> None:
+    page = student.open(f"http://{live_asgi}{lesson.get_absolute_url()}")
+    start_sandbox(page)
+    warning = page.get_by_role("status").filter(has_text="maximum lifetime")
+    expect(warning).to_be_visible(timeout=20000)
+    expect(warning).to_contain_text("Everything in it will be gone.")
+
+    run(page, "echo typed-$((3*3))", r"^typed-9$")
+    page.wait_for_timeout(1000)
+    expect(warning).to_be_visible()
+
+    page.wait_for_selector(
+        "[data-panel] .notice:has-text('The sandbox reached its maximum lifetime.')", timeout=30000
+    )
+    assert page.is_visible("button:has-text('Start a fresh sandbox')")
