@@ -2,6 +2,7 @@
 published addresses, labels and HTTP edge cases."""
 
 import json
+import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -127,3 +128,76 @@ def test_numbers_python_cannot_read_are_answered(
     answer = student.call(method, path, payload)
     assert answer.status == status, answer.body
     assert owned_objects(engine, student)["containers"] == []
+
+
+def test_another_sessions_tags_and_removals_never_show_in_the_shared_image_list(
+    student_factory: Any, curated_image: str
+) -> None:
+    # The engine's list is kept once for every session: one student's changes, raced against another's
+    # listings, show in neither's answers but their own, and each of their own answers after a change has it.
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+    built = alice.build(f"FROM {curated_image}\nLABEL lesson=race\n", tag="app")
+    assert built.status == 200 and b"Successfully built" in built.body, built.body
+    curated = curated_image.rpartition(":")[0]
+    stop = threading.Event()
+    seen_by_bob: list[set[str]] = []
+
+    def bob_lists() -> None:
+        while not stop.is_set():
+            seen_by_bob.append(_tags(bob))
+
+    lister = threading.Thread(target=bob_lists)
+    lister.start()
+    try:
+        for number in range(8):
+            name = f"race{number}:v1"
+            assert alice.call("POST", f"/images/app/tag?repo=race{number}&tag=v1").status == 201
+            assert name in _tags(alice)
+            assert alice.call("DELETE", f"/images/{name}").status == 200
+            assert name not in _tags(alice)
+        assert alice.call("DELETE", "/images/app").status == 200
+        assert "app:latest" not in _tags(alice)
+        assert alice.call("GET", "/images/app/json").status == 404
+    finally:
+        stop.set()
+        lister.join(timeout=60)
+    assert seen_by_bob, "bob listed nothing"
+    for tags in seen_by_bob:
+        assert not {tag for tag in tags if tag.startswith(("race", "app:"))}, tags
+        assert f"{curated}:latest" in tags, tags
+    assert f"{curated}:latest" in _tags(alice) and f"{curated}:latest" in _tags(bob)
+
+
+def _tags(student: StudentSession) -> set[str]:
+    answer = student.call("GET", "/images/json")
+    assert answer.status == 200, answer.body
+    return {tag for image in answer.json() for tag in image["RepoTags"] or []}
+
+
+def test_no_network_but_the_students_own_is_reached_by_any_name(student_factory: Any, curated_image: str) -> None:
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+    bobs = bob.run(curated_image, ["sleep", "60"], name="web")
+    bobs_network = bob.call("GET", "/v1.41/networks/bridge").json()["Id"]
+    for ref in (bob.network, bobs_network, bobs_network[:12], "host", "none"):
+        answer = alice.call("GET", f"/v1.41/networks/{ref}")
+        assert answer.status == 404 and answer.message == f"network {ref} not found", answer.body
+    assert alice.call("GET", "/v1.41/networks/bridge").json()["Name"] == "bridge"
+    for mode in (bob.network, bobs_network, "host", f"container:{bobs}", "container:web"):
+        created = alice.call(
+            "POST",
+            "/v1.41/containers/create?name=probe",
+            {"Image": curated_image, "HostConfig": {"NetworkMode": mode}},
+        )
+        assert created.status == 403 and "not available" in created.message, created.body
+        endpoints = {"EndpointsConfig": {mode: {}}}
+        created = alice.call(
+            "POST", "/v1.41/containers/create?name=probe", {"Image": curated_image, "NetworkingConfig": endpoints}
+        )
+        assert created.status == 403 and "not available" in created.message, created.body
+    mine = alice.run(curated_image, ["sleep", "60"], name="mine")
+    for path in (f"/networks/{bob.network}/connect", "/networks/bridge/connect", "/networks/bridge/disconnect"):
+        answer = alice.call("POST", f"/v1.41{path}", {"Container": mine})
+        assert answer.status == 403 and "not available" in answer.message, answer.body
+    assert alice.call("GET", "/v1.41/containers/json").json()[0]["HostConfig"]["NetworkMode"] == "bridge"
