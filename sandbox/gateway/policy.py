@@ -551,6 +551,8 @@ def _port_bindings(raw: Any) -> list[PortBinding]:
         if not match:
             raise HttpError(400, f"invalid port {key}")
         container_port, proto = int(match.group(1)), match.group(2) or "tcp"
+        if not isinstance(bindings, list | None):
+            raise HttpError(400, "PortBindings: wrong type")
         for binding in bindings or []:
             entry = Fields(binding, "PortBindings")
             host_ip = entry.take("HostIp", "")

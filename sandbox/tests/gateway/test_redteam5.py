@@ -2,6 +2,7 @@
 published addresses, labels and HTTP edge cases."""
 
 import json
+import re
 import threading
 from typing import Any
 from urllib.parse import quote
@@ -108,11 +109,17 @@ NUMBERS = {
     "a limit of a superscript digit": ("GET", "/v1.41/containers/json?limit=%C2%B2", None, 200),
     "a limit of 5000 digits": ("GET", "/v1.41/containers/json?limit=" + "9" * 5000, None, 200),
     "an API version of 5000 digits": ("GET", "/v" + "9" * 5000 + ".1/_ping", None, 400),
+    "a port's bindings that are a number": (
+        "POST",
+        "/v1.41/containers/create",
+        {"Image": "{image}", "HostConfig": {"PortBindings": {"80/tcp": 8080}}},
+        400,
+    ),
 }
 
 
 @pytest.mark.parametrize(("method", "path", "payload", "status"), NUMBERS.values(), ids=list(NUMBERS))
-def test_numbers_python_cannot_read_are_answered(
+def test_values_the_gateway_cannot_read_are_answered(
     student: StudentSession,
     curated_image: str,
     engine: docker.APIClient,
@@ -121,8 +128,8 @@ def test_numbers_python_cannot_read_are_answered(
     payload: Any,
     status: int,
 ) -> None:
-    # Each was read with int() after a test that lets it through (str.isdigit, a Unicode \\d), and the
-    # request failed with no answer at all, the connection closed.
+    # Each was read with int() after a test that lets it through (str.isdigit, a Unicode \\d), or iterated, and
+    # the request failed with no answer at all, the connection closed.
     if payload is not None:
         payload = json.loads(json.dumps(payload).replace("{image}", curated_image))
     answer = student.call(method, path, payload)
@@ -191,7 +198,7 @@ def test_no_network_but_the_students_own_is_reached_by_any_name(student_factory:
             {"Image": curated_image, "HostConfig": {"NetworkMode": mode}},
         )
         assert created.status == 403 and "not available" in created.message, created.body
-        endpoints = {"EndpointsConfig": {mode: {}}}
+        endpoints: dict[str, Any] = {"EndpointsConfig": {mode: {}}}
         created = alice.call(
             "POST", "/v1.41/containers/create?name=probe", {"Image": curated_image, "NetworkingConfig": endpoints}
         )
@@ -201,3 +208,19 @@ def test_no_network_but_the_students_own_is_reached_by_any_name(student_factory:
         answer = alice.call("POST", f"/v1.41{path}", {"Container": mine})
         assert answer.status == 403 and "not available" in answer.message, answer.body
     assert alice.call("GET", "/v1.41/containers/json").json()[0]["HostConfig"]["NetworkMode"] == "bridge"
+
+
+def test_pipelined_requests_with_expect_and_upgrade_are_each_answered_once(
+    student: StudentSession, curated_image: str, engine: docker.APIClient
+) -> None:
+    body = json.dumps({"Image": curated_image, "Cmd": ["true"]}).encode()
+    create = (
+        b"POST /v1.41/containers/create?name=piped HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    upgraded = b"GET /v1.41/version HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+    last = b"GET /v1.41/containers/piped/json HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
+    answer = student.raw(create + upgraded + last)
+    statuses = re.findall(rb"HTTP/1\.1 ([0-9]{3}) ", answer)
+    assert statuses[-3:] == [b"201", b"200", b"200"] and b"101" not in statuses, answer[:2000]
+    assert len(owned_objects(engine, student)["containers"]) == 1
