@@ -4,82 +4,20 @@ the terminal, lose the page or the network and come back to the same shell."""
 import contextlib
 import re
 import secrets
-import shutil
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 from django.test import override_settings
-from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, expect, sync_playwright
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import Page, expect
 
 from lessons.models import Lesson
+from tests.e2e.browser import BROWSER_TEST, Student, run, start_sandbox, wait_for_screen
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.engine,
-    pytest.mark.redis,
-    pytest.mark.slow,
-    pytest.mark.usefixtures("engine_cleanup"),
-]
+pytestmark = BROWSER_TEST
 
-CHROMIUM = shutil.which("chromium")
-SCREEN_JS = """() => {
-  const buffer = window.layercakeTerminals[0].term.buffer.active;
-  const lines = [];
-  for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i).translateToString(true));
-  return lines.join("\\n");
-}"""
 HELLO, REPLAY = 0x01, 0x82
-
-
-class Student:
-    """A browser context with what the test needs to see of it: errors thrown on its pages and the frames
-    its terminals exchanged, per websocket."""
-
-    def __init__(self, context: BrowserContext) -> None:
-        self.context = context
-        self.errors: list[str] = []
-        self.sockets: list[dict[str, list[bytes]]] = []
-        context.on("page", self._watch)
-
-    def _watch(self, page: Page) -> None:
-        page.on("pageerror", lambda error: self.errors.append(str(error)))
-        page.on("websocket", self._record)
-
-    def _record(self, ws: WebSocket) -> None:
-        frames: dict[str, list[bytes]] = {"sent": [], "received": []}
-        self.sockets.append(frames)
-        ws.on("framesent", lambda payload: frames["sent"].append(_as_bytes(payload)))
-        ws.on("framereceived", lambda payload: frames["received"].append(_as_bytes(payload)))
-
-    def open(self, url: str) -> Page:
-        page = self.context.new_page()
-        page.goto(url)
-        return page
-
-
-def _as_bytes(payload: str | bytes) -> bytes:
-    return payload if isinstance(payload, bytes) else payload.encode()
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def student(browser: Browser, live_asgi: str) -> Iterator[Student]:
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=f"http://{live_asgi}")
-    student = Student(context)
-    yield student
-    context.close()
-    assert student.errors == [], "the page threw"
 
 
 @pytest.fixture
@@ -88,33 +26,6 @@ def lesson(live_asgi: str) -> Lesson:
     return Lesson.objects.create(
         slug="browser", title="In the browser", body="Try it.", image="layercake/shell:latest"
     )
-
-
-def screen(page: Page) -> str:
-    return str(page.evaluate(SCREEN_JS))
-
-
-def wait_for_screen(page: Page, pattern: str, *, within_ms: int = 15000) -> str:
-    try:
-        page.wait_for_function(
-            "(pattern) => new RegExp(pattern, 'm').test((" + SCREEN_JS + ")())", arg=pattern, timeout=within_ms
-        )
-    except PlaywrightTimeout as exc:
-        raise AssertionError(f"{pattern!r} never showed; the screen ends with:\n{screen(page)[-1500:]}") from exc
-    return screen(page)
-
-
-def run(page: Page, command: str, expect: str) -> str:
-    page.keyboard.type(command)
-    page.keyboard.press("Enter")
-    return wait_for_screen(page, expect)
-
-
-def start_sandbox(page: Page) -> None:
-    page.click("button:has-text('Start sandbox')")
-    page.wait_for_selector("[data-progress] [data-step='queued']")
-    page.wait_for_selector("[data-terminal].is-ready", timeout=60000)
-    wait_for_screen(page, r"\$ $")
 
 
 def shell_cols(page: Page) -> int:
