@@ -49,6 +49,8 @@ class SandboxTerminal {
     this.finished = false;
     this.escaped = false; // the last key pressed in the terminal was Escape alone
     this.term = this.createTerminal();
+    this.typeText = (event) => this.typeRequested(event);
+    document.addEventListener("layercake:type", this.typeText);
     this.showState(this.state);
     this.connect();
   }
@@ -218,6 +220,16 @@ class SandboxTerminal {
     }
   }
 
+  // A lesson's Run button (static/lessons/lesson.js) asks for a command to be typed here; cancelling the event
+  // tells it the terminal took it. Lines end as the Enter key ends them.
+  typeRequested(event) {
+    const live = this.state === "ready" && this.ws?.readyState === WebSocket.OPEN && this.replaying === 0;
+    if (this.finished || !live || event.defaultPrevented) return;
+    event.preventDefault();
+    this.sendInput(encoder.encode(event.detail.text.replace(/\r?\n/g, "\r")));
+    this.term.focus();
+  }
+
   sendInput(bytes) {
     if (this.replaying > 0) return;
     for (let start = 0; start < bytes.length; start += INPUT_CHUNK) {
@@ -284,6 +296,7 @@ class SandboxTerminal {
   // Everything but the page: the socket, timers and xterm. Safe to call more than once.
   stop() {
     this.finished = true;
+    document.removeEventListener("layercake:type", this.typeText);
     this.deadlineNotice.clear();
     clearTimeout(this.retryTimer);
     clearTimeout(this.refitTimer);
