@@ -44,6 +44,7 @@ NAMESPACE = "layercake.namespace"
 WORKSTATION_LABEL = "layercake.workstation"
 GATEWAY_MOUNT = "/run/layercake"
 READ_BATCH_BYTES = 64 * 1024
+NETWORK_REMOVE_ATTEMPTS = 10  # 5.5 s in all
 # What a root shell needs to work on its own files; everything else is dropped.
 ROOT_SHELL_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"]
 # The engine keeps no log of a sandbox's TTY: its log copier costs a cut per line (a `yes` flood runs at a
@@ -91,6 +92,11 @@ def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
 
 def _gone(exc: docker.errors.APIError) -> bool:
     return exc.status_code in (404, 409)
+
+
+def _in_use(exc: docker.errors.APIError) -> bool:
+    """A network that a container being removed still holds an endpoint of, for a moment."""
+    return exc.status_code == 403 and "active endpoints" in str(exc.explanation or "")
 
 
 class DockerBackend(SandboxBackend):
@@ -244,11 +250,19 @@ class DockerBackend(SandboxBackend):
                 log.warning("could not close the gateway session of %s", name, exc_info=True)
 
     def _remove_network(self, name: str) -> None:
-        try:
-            self.client.api.remove_network(name)
-        except docker.errors.APIError as exc:
-            if not _gone(exc):
-                raise
+        # A teardown running alongside this one (the reaper's beside the task's) may still be removing the
+        # container: its endpoint holds the network until then. What outlasts the wait is the reaper's.
+        for attempt in range(NETWORK_REMOVE_ATTEMPTS):
+            try:
+                self.client.api.remove_network(name)
+                return
+            except docker.errors.APIError as exc:
+                if _gone(exc):
+                    return
+                if not _in_use(exc):
+                    raise
+            time.sleep(0.1 * (attempt + 1))
+        log.warning("network %s still has endpoints; the reaper removes it later", name)
 
     def poll(self, state: dict[str, Any]) -> Poll:
         try:
@@ -287,7 +301,8 @@ class DockerBackend(SandboxBackend):
                 api.remove_network(network["Id"])
                 removed.append(f"network {network['Name']}")
             except docker.errors.APIError as exc:
-                if not _gone(exc):
+                # One whose container is still being removed goes at the next round.
+                if not (_gone(exc) or _in_use(exc)):
                     raise
         for volume in (api.volumes(filters=mine) or {}).get("Volumes") or []:
             session = _session_of(volume.get("Labels") or {})

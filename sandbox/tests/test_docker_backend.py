@@ -207,3 +207,30 @@ def test_an_unreachable_engine_is_a_clear_error(tmp_path: Path) -> None:
         pytest.raises(EngineUnavailable),
     ):
         DockerBackend().start(_spec(), progress=lambda step: None)
+
+
+def test_two_teardowns_of_one_sandbox_at_once_both_succeed_and_leave_nothing(engine: docker.DockerClient) -> None:
+    # The reaper tears down a stopping sandbox while its teardown task may be doing the same: the second to
+    # come finds the container already being removed, and its network still held by it for a moment.
+    backend = DockerBackend()
+    spec = _spec()
+    state = backend.start(spec, progress=lambda step: None)
+    failures: list[BaseException] = []
+    go = threading.Barrier(2)
+
+    def teardown() -> None:
+        go.wait()
+        try:
+            backend.stop(state)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=teardown) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == []
+    session = {"label": [f"layercake.session={spec.session_id}"]}
+    assert engine.api.containers(all=True, filters=session) == []
+    assert engine.api.networks(filters=session) == []
