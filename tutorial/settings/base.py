@@ -139,7 +139,6 @@ SANDBOX_MEMORY_MB = env_int("LAYERCAKE_SANDBOX_MEMORY_MB", 256)
 SANDBOX_CPU_MILLI = env_int("LAYERCAKE_SANDBOX_CPU_MILLI", 500)
 SANDBOX_PIDS_LIMIT = env_int("LAYERCAKE_SANDBOX_PIDS_LIMIT", 256)
 SANDBOX_START_TIMEOUT = env_int("LAYERCAKE_SANDBOX_START_TIMEOUT", 60)
-SANDBOX_ENGINE_THREADS = env_int("LAYERCAKE_SANDBOX_ENGINE_THREADS", 8)
 
 # The terminal: bytes of output kept per session for resume, and bytes in flight to a browser before the
 # server stops reading from the container.
