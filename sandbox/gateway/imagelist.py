@@ -4,7 +4,8 @@ Most student commands look an image up among those the engine lists (run, create
 and the engine's answer costs it time for every image it holds, every other student's included: on a
 workshop's engine, hundreds. So the gateway keeps the last answer while nothing has changed the images. It is
 forgotten when a request that changes images begins and again when it ends (and none is kept while one is
-under way), and on each engine event that changes images, whoever caused it; while the engine's event stream
+under way, but for a build, which names its image only as it ends), and on each engine event that changes
+images, whoever caused it; while the engine's event stream
 is not followed, nothing is kept and every lookup asks the engine. Nor is a copy kept past MAX_AGE_SECONDS,
 should the engine ever drop an event for a subscriber it finds slow.
 """

@@ -43,8 +43,8 @@ ROLE = "layercake.role"
 CATALOG = "layercake.catalog"
 IMAGE_LABEL = "layercake.image"
 PORTS_LABEL = "layercake.ports"
-# The requests that may change the engine's images (see `ImageList`).
-IMAGE_CHANGES_RE = re.compile(r"/(?:images|build|commit)(?:/|$)")
+# The requests that may change the engine's images (see `ImageList`); a build only as it ends (see `build`).
+IMAGE_CHANGES_RE = re.compile(r"/(?:images|commit)(?:/|$)")
 # What docker's default bridge also shows at the top of a container's NetworkSettings.
 DEFAULT_NETWORK_FIELDS = (
     "EndpointID",
@@ -1838,6 +1838,17 @@ class StudentGateway:
     # Builds.
 
     async def build(self, side: ServerSide, request: Request) -> None:
+        # The images a build's steps make are nobody's to list (no session's label, or the builder's own on their
+        # way to the image), and it names its image at its end: the shared list is forgotten as the build begins
+        # and once it has ended (what a failed one leaves removed), and kept meanwhile. Kept as a change under way,
+        # it was kept for no session for as long as a student's build ran.
+        self.engine_images.forget()
+        try:
+            await self._build(side, request)
+        finally:
+            self.engine_images.forget()
+
+    async def _build(self, side: ServerSide, request: Request) -> None:
         if request.arg("remote"):
             raise policy.not_available("building from a remote context (URL or git repository)")
         if request.arg("version") == "2":

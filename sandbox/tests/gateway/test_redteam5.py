@@ -1,16 +1,28 @@
 """Fifth red-team pass: EXPOSE and the variables it names read as the engine reads them, the shared image list,
 published addresses, labels and HTTP edge cases."""
 
+import asyncio
 import json
 import re
+import secrets
 import threading
+import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import docker
 import pytest
+from django.conf import settings
+
+from sandbox.gateway.client import gateway_session_purge
+from sandbox.gateway.config import gateway_config
+from sandbox.gateway.imagelist import ImageList
+from sandbox.gateway.registry import SessionRecord
+from sandbox.gateway.session import StudentGateway
 
 from .conftest import StudentSession, dockerfile_context, owned_objects
+from .test_imagelist import CountingEngine
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
 
@@ -224,3 +236,71 @@ def test_pipelined_requests_with_expect_and_upgrade_are_each_answered_once(
     statuses = re.findall(rb"HTTP/1\.1 ([0-9]{3}) ", answer)
     assert statuses[-3:] == [b"201", b"200", b"200"] and b"101" not in statuses, answer[:2000]
     assert len(owned_objects(engine, student)["containers"]) == 1
+
+
+class _Events:
+    async def publish(self, session_id: int, kind: str, **fields: Any) -> None:
+        pass
+
+
+async def test_a_long_build_does_not_make_every_session_ask_the_engine_for_its_images(
+    curated_image: str, tmp_path: Path
+) -> None:
+    # One student's build that runs for as long as they like (two at once) was a change under way for all that
+    # time, and no session's lookup was answered from the shared list: each asked the engine for all of its images.
+    counting = CountingEngine(settings.SANDBOX_DOCKER_URL.removeprefix("unix://"))
+    images = ImageList(counting)
+    following = asyncio.create_task(images.follow())
+    session_id = 2_000_000_000 + secrets.randbelow(100_000_000)
+    record = SessionRecord(
+        session_id=session_id,
+        owner_key=f"owner-{session_id}",
+        expires_at=int(time.time()) + 600,
+        memory_budget_mb=512,
+        max_containers=8,
+    )
+    gateway = StudentGateway(
+        record=record,
+        config=gateway_config(),
+        engine=counting,
+        events=_Events(),  # type: ignore[arg-type]
+        engine_images=images,
+    )
+    path = tmp_path / "docker.sock"
+    server = await asyncio.start_unix_server(gateway.serve, path=str(path))
+    writer: asyncio.StreamWriter | None = None
+    try:
+        for _ in range(100):
+            if images.following:
+                break
+            await asyncio.sleep(0.05)
+        context = dockerfile_context(f"FROM {curated_image}\nRUN sleep 4\n")
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(
+            b"POST /v1.41/build?t=slow HTTP/1.1\r\nHost: docker\r\nContent-Type: application/x-tar\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(context)).encode() + b"\r\n\r\n" + context
+        )
+        await writer.drain()
+        progress = b""
+        async with asyncio.timeout(60):
+            while b"Running in" not in progress:
+                progress += await reader.read(65536)
+        await images.entries()
+        lists = counting.lists
+        for _ in range(5):
+            await images.entries()
+        assert counting.lists == lists
+        async with asyncio.timeout(60):
+            while chunk := await reader.read(65536):
+                progress += chunk
+        assert b"Successfully tagged slow:latest" in progress, progress
+        tags = {tag for entry in await images.entries() for tag in entry.get("RepoTags") or []}
+        assert f"{gateway.namer.prefix}/slow:latest" in tags
+    finally:
+        if writer is not None:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+        await asyncio.to_thread(gateway_session_purge, session_id=session_id)
