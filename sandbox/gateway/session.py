@@ -165,6 +165,10 @@ def hide_host_paths(detail: dict[str, Any]) -> dict[str, Any]:
             mount["Source"] = ""
     if "Mountpoint" in detail:
         detail["Mountpoint"] = ""
+    settings = detail.get("NetworkSettings")
+    if isinstance(settings, dict) and "SandboxKey" in settings:
+        # The path of the container's network namespace on the host.
+        settings["SandboxKey"] = ""
     return detail
 
 

@@ -304,3 +304,12 @@ async def test_a_long_build_does_not_make_every_session_ask_the_engine_for_its_i
         following.cancel()
         await asyncio.gather(following, return_exceptions=True)
         await asyncio.to_thread(gateway_session_purge, session_id=session_id)
+
+
+def test_inspect_shows_no_network_namespace_path_of_the_host(student: StudentSession, curated_image: str) -> None:
+    # NetworkSettings.SandboxKey is the engine's path to the container's network namespace on the host.
+    student.run(curated_image, ["sleep", "30"], name="web")
+    answer = student.call("GET", "/v1.41/containers/web/json")
+    assert answer.status == 200, answer.body
+    assert answer.json()["NetworkSettings"]["SandboxKey"] == "", answer.json()["NetworkSettings"]
+    assert b"/netns/" not in answer.body
