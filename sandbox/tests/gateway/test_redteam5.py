@@ -313,3 +313,36 @@ def test_inspect_shows_no_network_namespace_path_of_the_host(student: StudentSes
     assert answer.status == 200, answer.body
     assert answer.json()["NetworkSettings"]["SandboxKey"] == "", answer.json()["NetworkSettings"]
     assert b"/netns/" not in answer.body
+
+
+REFUSED_ADDRESSES = {
+    "[fe80::1%eth0]:8084:80": "Invalid ip address",
+    "[::1]:8084:80": "not available",
+    "10.0.0.1:8084:80": "not available",
+    "0.0.0.0::80": "choose the port",
+    "8084-8085:80": "invalid port",
+    "1-4000:1-4000": "",
+}
+
+
+def test_published_addresses_bind_nothing_on_the_host_and_refusals_leave_nothing(
+    student: StudentSession, curated_image: str, engine: docker.APIClient, workstation_factory: Any
+) -> None:
+    workstation = workstation_factory.for_session(student)
+    for spec, said in REFUSED_ADDRESSES.items():
+        code, output = workstation.docker(f"docker create -p '{spec}' {curated_image} true")
+        assert code != 0 and said in output, (spec, output)
+    assert owned_objects(engine, student)["containers"] == []
+    for spec in ("[::]:8085:80", "127.0.0.1:8086:80", "0.0.0.0:8087:80", "8088:80"):
+        code, output = workstation.docker(f"docker run -d -p '{spec}' {curated_image} sleep 30")
+        assert code == 0, (spec, output)
+    for container in owned_objects(engine, student)["containers"]:
+        detail = engine.inspect_container(container["Id"])
+        assert not detail["HostConfig"].get("PortBindings") and not detail["NetworkSettings"].get("Ports"), detail
+    code, output = workstation.docker("docker ps --format '{{.Ports}}' | sort")
+    assert code == 0 and output.split("\n")[:4] == [
+        "0.0.0.0:8087->80/tcp",
+        "0.0.0.0:8088->80/tcp, :::8088->80/tcp",
+        "127.0.0.1:8086->80/tcp",
+        ":::8085->80/tcp",
+    ], output
