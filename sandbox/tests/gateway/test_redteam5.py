@@ -1,5 +1,6 @@
-"""Fifth red-team pass: EXPOSE and the variables it names read as the engine reads them, the shared image list,
-published addresses, labels and HTTP edge cases."""
+"""Fifth red-team pass: EXPOSE and the variables it names read as the engine reads them, values Python cannot
+read, the shared image list under races and long builds, networks by their engine names, published addresses,
+host paths in inspect, and pipelined HTTP."""
 
 import asyncio
 import json
