@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from django.utils.safestring import SafeString, mark_safe
 from .models import Lesson
 
 CONTENT_DIR = Path(__file__).resolve().parent / "content"
+LANGUAGE_CLASS_RE = re.compile(r"language-[\w-]+")
 FRONT_MATTER_FIELDS = {"slug", "title", "summary", "position", "image", "concepts"}
 
 
@@ -82,13 +84,17 @@ LOADED_FIELDS = ("title", "summary", "position", "image", "concepts", "body")
 @dataclass
 class LessonLoad:
     """What loading the built-in lessons did. `kept` were edited since they were last loaded (in the admin,
-    say) and keep those edits; of them, `conflicts` also have a file that changed since."""
+    say) and keep those edits; of them, `conflicts` also have a file that changed since. `clashes` were made
+    in the admin under the slug of a file, which is not loaded; `orphaned` were loaded from a file that is
+    gone, and stay as they are."""
 
     created: list[Lesson] = field(default_factory=list)
     updated: list[Lesson] = field(default_factory=list)
     unchanged: list[Lesson] = field(default_factory=list)
     kept: list[Lesson] = field(default_factory=list)
     conflicts: list[Lesson] = field(default_factory=list)
+    clashes: list[Lesson] = field(default_factory=list)
+    orphaned: list[Lesson] = field(default_factory=list)
 
     @property
     def lessons(self) -> list[Lesson]:
@@ -145,6 +151,8 @@ def lessons_load(*, directory: Path | None = None) -> LessonLoad:
                 lesson = Lesson(slug=slug)
                 _apply(lesson, item)
                 report.created.append(lesson)
+            elif not lesson.source_digest:
+                report.clashes.append(lesson)
             elif lesson_is_edited(lesson=lesson):
                 report.kept.append(lesson)
                 if lesson.source_digest != _digest(_fields(item)):
@@ -154,12 +162,15 @@ def lessons_load(*, directory: Path | None = None) -> LessonLoad:
                 report.updated.append(lesson)
             else:
                 report.unchanged.append(lesson)
+        report.orphaned = list(Lesson.objects.exclude(source_digest="").exclude(slug__in=files))
     return report
 
 
 def lesson_restore(*, lesson: Lesson, directory: Path | None = None) -> None:
     """Put a built-in lesson back as its file has it, dropping edits made since it was loaded."""
     item = lesson_files(directory=directory).get(lesson.slug)
+    if item is None and lesson.source_digest:
+        raise LessonFileError(f"the file of the lesson {lesson.slug!r} is no longer among the built-in lessons")
     if item is None:
         raise LessonFileError(f"no lesson file has the slug {lesson.slug!r}: this lesson was made here")
     with transaction.atomic():
@@ -170,5 +181,12 @@ def lesson_render(*, lesson: Lesson) -> SafeString:
     """The lesson's text as HTML. Markdown passes raw HTML through, so what it makes is cleaned: a lesson's
     author writes the words on the page that holds the student's terminal, not scripts that could type in it."""
     html = markdown.markdown(lesson.body, extensions=["fenced_code", "tables", "sane_lists"])
-    attributes = {**nh3.ALLOWED_ATTRIBUTES, "code": {"class"}}  # a fenced block's language
-    return mark_safe(nh3.clean(html, attributes=attributes))
+    attributes = {**nh3.ALLOWED_ATTRIBUTES, "code": {"class"}}
+    return mark_safe(nh3.clean(html, attributes=attributes, attribute_filter=_language_only))
+
+
+def _language_only(element: str, attribute: str, value: str) -> str | None:
+    """A code block's class is kept only as a fenced block's language, which the page's scripts read."""
+    if element == "code" and attribute == "class":
+        return value if LANGUAGE_CLASS_RE.fullmatch(value) else None
+    return value

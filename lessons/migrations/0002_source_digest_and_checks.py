@@ -17,10 +17,14 @@ def track_built_in_lessons(apps, schema_editor):
     load updates it from its file once more, and keeps any edit made after that."""
     lesson_model = apps.get_model("lessons", "Lesson")
     content = Path(__file__).resolve().parent.parent / "content"
-    built_in = {
-        str(yaml.safe_load(path.read_text(encoding="utf-8")[4:].split("\n---\n", 1)[0])["slug"]).strip()
-        for path in content.glob("*.md")
-    }
+    built_in = set()
+    for path in content.glob("*.md"):
+        # A file that cannot be read is the next load's to report; it must not stop the migration.
+        try:
+            head = path.read_text(encoding="utf-8").replace("\r\n", "\n").removeprefix("\ufeff")
+            built_in.add(str(yaml.safe_load(head[4:].split("\n---\n", 1)[0])["slug"]).strip())
+        except (OSError, UnicodeError, yaml.YAMLError, TypeError, KeyError):
+            continue
     for lesson in lesson_model.objects.filter(slug__in=built_in):
         fields = {name: getattr(lesson, name) for name in LOADED_FIELDS}
         lesson.source_digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

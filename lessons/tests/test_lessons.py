@@ -1,7 +1,9 @@
+import io
 import json
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.test import Client
@@ -144,7 +146,8 @@ def test_a_lesson_made_in_the_admin_is_not_taken_over_by_a_file_with_its_slug(
     add = admin_client.post(reverse("admin:lessons_lesson_add"), _admin_form(made))
     assert add.status_code == 302
     (tmp_path / "a.md").write_text(GOOD)
-    assert [lesson.title for lesson in lessons_load(directory=tmp_path).kept] == ["Made here"]
+    report = lessons_load(directory=tmp_path)
+    assert ([lesson.title for lesson in report.clashes], report.created) == (["Made here"], [])
     monkeypatch.setattr("lessons.services.CONTENT_DIR", tmp_path / "none")
     (tmp_path / "none").mkdir()
     response = admin_client.post(
@@ -171,13 +174,16 @@ def test_the_admin_refuses_an_image_or_concept_the_site_does_not_have(admin_clie
     assert not Lesson.objects.exists()
 
 
-def test_raw_html_in_a_lesson_renders_as_text_without_scripts() -> None:
+def test_raw_html_in_a_lesson_loses_its_scripts_and_a_code_block_keeps_only_its_language() -> None:
     body = (
         '<script>alert(1)</script>\n\n<a href="javascript:alert(2)" onclick="alert(3)">here</a>'
         " <img src=x onerror=alert(4)>\n\n```sh\necho '<b>hi</b>'\n```\n"
     )
     html = lesson_render(lesson=Lesson(body=body))
     assert "<script" not in html and "alert" not in html
+    assert "<code>x</code>" in lesson_render(
+        lesson=Lesson(body='<pre><code class="language-sh trap">x</code></pre>')
+    )
     assert "<code class=\"language-sh\">echo '&lt;b&gt;hi&lt;/b&gt;'" in html
 
 
@@ -213,3 +219,29 @@ def test_built_in_lessons_loaded_before_edits_were_kept_are_updated_by_the_next_
     assert [lesson.slug for lesson in report.updated] == [built_in.slug]
     assert Lesson.objects.get(slug=built_in.slug).title == built_in.title
     assert lesson_is_edited(lesson=Lesson.objects.get(slug="made-here"))
+
+
+@pytest.mark.django_db
+def test_a_built_in_lesson_keeps_its_slug_and_one_whose_file_is_gone_is_told_of(
+    tmp_path: Path, admin_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lessons.services.CONTENT_DIR", tmp_path)
+    (tmp_path / "a.md").write_text(GOOD)
+    lesson = lessons_load().created[0]
+    change = reverse("admin:lessons_lesson_change", args=[lesson.pk])
+    assert admin_client.post(change, _admin_form(lesson, slug="renamed")).status_code == 302
+    assert list(Lesson.objects.values_list("slug", flat=True)) == ["first"]
+
+    (tmp_path / "a.md").unlink()
+    printed = io.StringIO()
+    call_command("lessons_load", stdout=printed)
+    assert "The built-in lesson 'first' has no file any more" in printed.getvalue()
+    listing = admin_client.get(reverse("admin:lessons_lesson_changelist")).content.decode()
+    assert "built-in, its file gone" in listing
+    response = admin_client.post(
+        reverse("admin:lessons_lesson_changelist"),
+        {"action": "put_back", "_selected_action": [lesson.pk]},
+        follow=True,
+    )
+    said = [str(message) for message in response.context["messages"]]
+    assert said == ["the file of the lesson 'first' is no longer among the built-in lessons"]

@@ -19,9 +19,19 @@ class Command(BaseCommand):
         )
         for lesson in report.kept:
             changed = " Its file has changed since." if lesson in report.conflicts else ""
-            self.stdout.write(
-                self.style.WARNING(
-                    f"Kept the edits to '{lesson.slug}' made since it was loaded.{changed} "
-                    "The lesson admin's action 'Put back as its file has it' drops them."
-                )
+            self._warn(
+                f"Kept the edits to '{lesson.slug}' made since it was loaded.{changed} "
+                "The lesson admin's action 'Put back as its file has it' drops them."
             )
+        for lesson in report.clashes:
+            self._warn(
+                f"A lesson made in the admin has the slug '{lesson.slug}' of a built-in lesson, whose file is not "
+                "loaded while it does: give one of them another slug."
+            )
+        for lesson in report.orphaned:
+            self._warn(
+                f"The built-in lesson '{lesson.slug}' has no file any more; it stays until deleted in the admin."
+            )
+
+    def _warn(self, text: str) -> None:
+        self.stdout.write(self.style.WARNING(text))
