@@ -1,10 +1,15 @@
 // A lesson's commands: each `sh` block gets a button that types it into the lesson terminal and one that copies
-// it. The terminal takes the text from a "layercake:type" event and cancels the event when it did; an event
-// left alone means there is no terminal ready to take it.
-const FEEDBACK_MS = 2000;
+// it. The terminal takes the text from a "layercake:type" event and cancels the event when it did; one it
+// cannot take it may give a reason for, in the event's detail.
+const FEEDBACK_MS = 4000;
+// Run types exactly what the block shows: only plain text, with no character that moves the cursor, sends a
+// key of its own (a carriage return runs a line) or reorders what is displayed.
+const UNSHOWN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/;
 
 function commandBlocks(root) {
-  return [...root.querySelectorAll(".lesson-body pre > code.language-sh")];
+  return [...root.querySelectorAll(".lesson-body pre > code.language-sh")].filter(
+    (code) => code.childElementCount === 0 && !UNSHOWN.test(code.textContent),
+  );
 }
 
 function say(status, text) {
@@ -13,12 +18,12 @@ function say(status, text) {
   status.timer = setTimeout(() => (status.textContent = ""), FEEDBACK_MS);
 }
 
-function button(label, description, onClick) {
+function button(label, onClick) {
   const element = document.createElement("button");
   element.type = "button";
   element.className = "command-button";
-  element.textContent = label;
-  element.setAttribute("aria-label", description);
+  element.textContent = label.split(" ")[0];
+  element.setAttribute("aria-label", label);
   element.addEventListener("click", onClick);
   return element;
 }
@@ -32,9 +37,10 @@ async function copy(text) {
   }
 }
 
-function addButtons(code) {
+function addButtons(code, index) {
   const pre = code.parentElement;
   const text = code.textContent.replace(/\n+$/, "");
+  pre.id ||= `command-${index + 1}`;
   const bar = document.createElement("div");
   bar.className = "command-bar";
   const status = document.createElement("span");
@@ -42,20 +48,17 @@ function addButtons(code) {
   status.setAttribute("role", "status");
   const lines = text.split("\n").length;
   const what = lines === 1 ? "this command" : `these ${lines} lines`;
-  bar.append(
-    button("Run", `Type ${what} into the terminal`, () => {
-      const event = new CustomEvent("layercake:type", { detail: { text: `${text}\n` }, cancelable: true });
-      if (!document.dispatchEvent(event)) return;
-      const terminal = document.querySelector("[data-terminal]");
-      say(status, terminal ? "The terminal is not connected just now: try again in a moment." : "Start the sandbox first, then press Run.");
-    }),
-    button("Copy", `Copy ${what}`, async () => {
-      say(status, (await copy(text)) ? "Copied." : "Select the text to copy it.");
-    }),
-    status,
-  );
-  pre.classList.add("command");
+  const run = button(`Run ${what} in the terminal`, () => {
+    const detail = { text: `${text}\n`, refusal: "" };
+    if (!document.dispatchEvent(new CustomEvent("layercake:type", { detail, cancelable: true }))) return;
+    say(status, detail.refusal || "Start the sandbox first, then press Run.");
+  });
+  const copying = button(`Copy ${what}`, async () => {
+    say(status, (await copy(text)) ? "Copied." : "Select the text to copy it.");
+  });
+  for (const element of [run, copying]) element.setAttribute("aria-describedby", pre.id);
+  bar.append(run, copying, status);
   pre.before(bar);
 }
 
-for (const code of commandBlocks(document)) addButtons(code);
+commandBlocks(document).forEach(addButtons);

@@ -48,6 +48,7 @@ class SandboxTerminal {
     this.retryTimer = null;
     this.finished = false;
     this.escaped = false; // the last key pressed in the terminal was Escape alone
+    this.elsewhere = false; // another tab took the terminal over
     this.term = this.createTerminal();
     this.typeText = (event) => this.typeRequested(event);
     document.addEventListener("layercake:type", this.typeText);
@@ -146,6 +147,7 @@ class SandboxTerminal {
 
   connect() {
     if (this.finished) return;
+    this.elsewhere = false;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(`${scheme}//${location.host}${this.wsPath}`);
     ws.binaryType = "arraybuffer";
@@ -223,11 +225,24 @@ class SandboxTerminal {
   // A lesson's Run button (static/lessons/lesson.js) asks for a command to be typed here; cancelling the event
   // tells it the terminal took it. Lines end as the Enter key ends them.
   typeRequested(event) {
-    const live = this.state === "ready" && this.ws?.readyState === WebSocket.OPEN && this.replaying === 0;
-    if (this.finished || !live || event.defaultPrevented) return;
+    if (this.finished || event.defaultPrevented) return;
+    const refusal = this.typingRefusal();
+    if (refusal) {
+      event.detail.refusal = refusal;
+      return;
+    }
     event.preventDefault();
     this.sendInput(encoder.encode(event.detail.text.replace(/\r?\n/g, "\r")));
     this.term.focus();
+  }
+
+  typingRefusal() {
+    if (this.state !== "ready") return "The sandbox is still starting: press Run once its prompt shows.";
+    if (this.elsewhere) return "The terminal is open in another tab: press \u201cUse it here\u201d first.";
+    if (this.ws?.readyState !== WebSocket.OPEN || this.replaying > 0) {
+      return "The terminal is reconnecting: press Run again in a moment.";
+    }
+    return "";
   }
 
   sendInput(bytes) {
@@ -252,6 +267,7 @@ class SandboxTerminal {
     } else if (code === wire.CLOSE_ELSEWHERE) {
       // The tab with the terminal now is the one told of the sandbox's deadlines, which its input moves.
       this.deadlineNotice.clear();
+      this.elsewhere = true;
       this.setNotice("This terminal is open in another tab. ", "Use it here", () => this.connect());
     } else {
       this.setNotice("Connection lost. Reconnecting…");
