@@ -115,8 +115,13 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         for timer in (self.hello_timer, self.notice_timer):
             if timer is not None:
                 timer.cancel()
+        # The look at the deadlines may be what is closing this websocket: it is not cut short then.
+        if self.notice_check is not None and self.notice_check is not asyncio.current_task():
+            self.notice_check.cancel()
 
     async def disconnect(self, code: int) -> None:
+        if self.closing_code is None:
+            self.closing_code = code
         self._cancel_timers()
         if self.sandbox is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
@@ -163,7 +168,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if warned or now - self.last_touch >= settings.TERMINAL_ACTIVITY_WRITE_INTERVAL:
             self.last_touch = now
             assert self.sandbox is not None
-            await _touch(sandbox_id=self.sandbox.pk)
+            if await _touch(sandbox_id=self.sandbox.pk):
+                await self.channel_layer.group_send(self.group, services.sandbox_deadlines_event())
 
     async def _send_state(self, sandbox: Sandbox) -> None:
         message = await _message(sandbox=sandbox)
