@@ -230,6 +230,7 @@ def test_two_teardowns_of_one_sandbox_at_once_both_succeed_and_leave_nothing(eng
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a teardown hung"
     assert failures == []
     session = {"label": [f"layercake.session={spec.session_id}"]}
     assert engine.api.containers(all=True, filters=session) == []

@@ -358,7 +358,7 @@ def test_the_page_is_warned_before_the_idle_timeout_and_input_withdraws_it(live_
     wait_until_ended(sandbox)
 
 
-@override_settings(SANDBOX_MAX_AGE=20, SANDBOX_MAX_AGE_WARNING_LEAD=15)
+@override_settings(SANDBOX_MAX_AGE=30, SANDBOX_MAX_AGE_WARNING_LEAD=25)
 def test_the_page_is_warned_before_the_maximum_age_and_input_does_not_put_it_off(
     live_asgi: str, lesson: Lesson
 ) -> None:
@@ -368,7 +368,7 @@ def test_the_page_is_warned_before_the_maximum_age_and_input_does_not_put_it_off
     async def session() -> None:
         async with _ws(live_asgi, sandbox.pk, client) as ws:
             term = await Terminal(ws).ready()
-            await term.until(lambda t: bool(t.deadlines) and "max_age" in t.deadlines[-1], within=15)
+            await term.until(lambda t: bool(t.deadlines) and "max_age" in t.deadlines[-1], within=25)
             expires_at = term.deadlines[-1]["max_age"]
             assert abs(expires_at - time.monotonic() - _seconds_to(sandbox.expires_at)) < 1
             assert list(term.deadlines[-1]) == ["max_age"]
