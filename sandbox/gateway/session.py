@@ -401,8 +401,10 @@ class StudentGateway:
         path = request.path
         match = VERSION_RE.match(path)
         if match:
-            # Python reads no number of more than 4300 digits: one of ten is past any version already.
-            major, minor = (int(part) if len(part.lstrip("0")) < 10 else 10**9 for part in match.groups()[:2])
+            # Python reads no number of more than 4300 digits, leading zeros counted: those go first, and one
+            # of ten digits is past any version already.
+            digits = [part.lstrip("0") or "0" for part in match.groups()[:2]]
+            major, minor = (int(part) if len(part) < 10 else 10**9 for part in digits)
             version = (major, minor)
             if version > tuple(int(p) for p in API_VERSION.split(".")):
                 await self._drain_and_fail(

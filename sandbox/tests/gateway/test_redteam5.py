@@ -122,6 +122,7 @@ NUMBERS = {
     "a limit of a superscript digit": ("GET", "/v1.41/containers/json?limit=%C2%B2", None, 200),
     "a limit of 5000 digits": ("GET", "/v1.41/containers/json?limit=" + "9" * 5000, None, 200),
     "an API version of 5000 digits": ("GET", "/v" + "9" * 5000 + ".1/_ping", None, 400),
+    "an API version of 5000 leading zeros": ("GET", "/v" + "0" * 5000 + "1.41/_ping", None, 200),
     "a port's bindings that are a number": (
         "POST",
         "/v1.41/containers/create",
