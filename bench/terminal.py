@@ -168,6 +168,8 @@ class Client:
 
             self.state = json.loads(body)["state"]
             return b""
+        if kind not in (protocol.OUTPUT, protocol.REPLAY):
+            return b""  # the sandbox's deadlines
         data = body[8:]
         self.offset = int.from_bytes(body[:8], "big") + len(data)
         self.tail = (self.tail + data)[-4096:]

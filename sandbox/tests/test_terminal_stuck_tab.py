@@ -87,7 +87,7 @@ class StuckTab:
             self.close_code = self.ws.close_rcvd.code
         elif event.opcode == Opcode.BINARY and event.data[0] == protocol.STATUS:
             self.states.append(bytes(event.data[1:]).decode())
-        elif event.opcode == Opcode.BINARY:
+        elif event.opcode == Opcode.BINARY and event.data[0] in (protocol.OUTPUT, protocol.REPLAY):
             self.output += event.data[9:]
 
     def read_until_output(self, marker: bytes, *, within: float = 20) -> None:
