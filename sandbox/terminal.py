@@ -166,8 +166,12 @@ class TerminalRelay:
             )
             self._drop(viewer)
             _let_go(viewer, reason="slow")
+        except OSError:
+            # The browser's socket closed under the send (uvicorn's ClientDisconnected): the usual way to go.
+            log.info("terminal %s: a viewer went away mid-send", self.sandbox_id)
+            self._drop(viewer)
         except Exception:
-            log.info("terminal %s: a viewer went away mid-send", self.sandbox_id, exc_info=True)
+            log.warning("terminal %s: sending to a viewer failed", self.sandbox_id, exc_info=True)
             self._drop(viewer)
 
     async def _replay(self, viewer: Viewer) -> int:
