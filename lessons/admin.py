@@ -46,7 +46,7 @@ class LessonAdmin(admin.ModelAdmin):
             return "built-in, its file gone"
         return "built-in, edited" if lesson_is_edited(lesson=lesson) else "built-in"
 
-    @admin.action(description="Put back as its file has it")
+    @admin.action(description="Put back as its file has it", permissions=["change"])
     def put_back(self, request: HttpRequest, queryset: QuerySet[Lesson]) -> None:
         for lesson in queryset:
             try:
