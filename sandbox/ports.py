@@ -240,6 +240,10 @@ async def _relay(
 ) -> AsyncIterator[bytes]:
     sent = 0
     chunks = upstream.aiter_raw()
+    # The deadline holds while the browser reads, too: a browser that takes the bytes slowly keeps this
+    # generator waiting between chunks, and the exchange with the port would otherwise stay open until it
+    # has read the whole body, no longer counted against the sandbox's exchanges in flight.
+    cutoff = asyncio.get_running_loop().call_at(deadline, lambda: _hang_up(upstream, client))
     try:
         while True:
             try:
@@ -258,10 +262,27 @@ async def _relay(
             yield chunk
     except httpx.HTTPError as exc:
         log.info("a proxied response broke off: %s", exc)
+    except httpx.StreamClosed:
+        log.info("cut a proxied response at its deadline, its browser reading slowly")
     finally:
+        cutoff.cancel()
         release()
         await upstream.aclose()
         await client.aclose()
+
+
+def _hang_up(upstream: httpx.Response, client: httpx.AsyncClient) -> None:
+    async def hang_up() -> None:
+        await upstream.aclose()
+        await client.aclose()
+
+    task = asyncio.ensure_future(hang_up())
+    _hanging_up.add(task)
+    task.add_done_callback(_hanging_up.discard)
+
+
+# Hang-ups in progress, held so that their tasks live until they end.
+_hanging_up: set[asyncio.Task[None]] = set()
 
 
 @require_http_methods(["GET", "HEAD"])
