@@ -3,8 +3,9 @@
 // cannot take it may give a reason for, in the event's detail.
 const FEEDBACK_MS = 4000;
 // Run types exactly what the block shows: only plain text, with no character that moves the cursor, sends a
-// key of its own (a carriage return runs a line) or reorders what is displayed.
-const UNSHOWN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/;
+// key of its own (a carriage return runs a line; a tab, shown as spaces, completes the word before it) or
+// reorders what is displayed.
+const UNSHOWN = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/;
 
 function commandBlocks(root) {
   return [...root.querySelectorAll(".lesson-body pre > code.language-sh")].filter(
