@@ -4,8 +4,8 @@
 const FEEDBACK_MS = 4000;
 // Run types exactly what the block shows: only plain text, with no character that moves the cursor, sends a
 // key of its own (a carriage return runs a line; a tab, shown as spaces, completes the word before it) or
-// reorders what is displayed.
-const UNSHOWN = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/;
+// reorders what is displayed, nor one that shows as nothing at all.
+const UNSHOWN = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]/;
 
 function commandBlocks(root) {
   return [...root.querySelectorAll(".lesson-body pre > code.language-sh")].filter(

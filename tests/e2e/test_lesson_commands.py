@@ -27,6 +27,8 @@ You will see:
 <pre><code class="language-sh">echo hidden&#27;[2K&#27;[Gls</code></pre>
 
 <pre><code class="language-sh">echo &#x202e;olleh</code></pre>
+
+<pre><code class="language-sh">r&#x200b;m -r ~/Documents</code></pre>
 """
 
 
@@ -41,7 +43,7 @@ def test_run_types_a_block_into_the_terminal_copy_copies_it_and_run_says_what_st
     page = student.open(f"http://{live_asgi}{lesson.get_absolute_url()}")
     run = page.get_by_role("button", name="Run these 2 lines in the terminal")
     # A text block shows output, and Run types only what a block shows: one with markup in it or characters that
-    # are not shown as typed (an escape sequence, a reordering mark) gets no buttons.
+    # are not shown as typed (an escape sequence, a reordering mark, a zero-width space) gets no buttons.
     expect(page.locator(".command-bar")).to_have_count(1)
 
     run.click()
