@@ -23,6 +23,7 @@ from sandbox.models import Sandbox
 from sandbox.owners import SESSION_KEY
 from sandbox.terminal import RESIZE_INTERVAL
 from sandbox.tests.test_terminal_live import Terminal, _start, _ws
+from tutorial.websocket import is_same_origin
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 
@@ -132,13 +133,19 @@ def test_the_terminal_answers_only_pages_of_the_site_itself(live_asgi: str, less
         except InvalidStatus as refused:
             return refused.response.status_code
 
-    # A sandboxed page served by the port proxy has the origin "null"; the others are other sites.
+    # A sandboxed page served by the port proxy has the origin "null"; the others are other sites. A browser
+    # sends the site's cookies from a page on any port of its host, and from an https page of it.
+    host, port = live_asgi.rsplit(":", 1)
     origins = [
         None,
         "null",
         "http://localhost.evil.example",
         "http://127.0.0.1.evil.example",
         "http://evil.example",
+        f"http://{host}:{int(port) + 1}",
+        f"http://{host}",
+        f"https://{live_asgi}",
+        f"http://localhost:{port}",
     ]
     for origin in origins:
         headers = {**cookie, "Origin": origin} if origin else cookie
@@ -233,3 +240,25 @@ def test_resizes_reach_the_engine_coalesced_however_many_times_the_terminal_reco
     started, elapsed = asyncio.run(session())
     assert elapsed < connections * RESIZE_INTERVAL / 2, "the reconnects were too slow to show anything"
     assert 1 <= _engine_resizes(sandbox.pk, started - 1) <= elapsed / RESIZE_INTERVAL + 4
+
+
+@pytest.mark.parametrize(
+    ("scheme", "host", "origin", "answered"),
+    [
+        ("ws", "127.0.0.1:8000", "http://127.0.0.1:8000", True),
+        ("ws", "127.0.0.1:8000", "http://127.0.0.1:8001", False),
+        ("ws", "127.0.0.1:8000", "https://127.0.0.1:8000", False),
+        ("wss", "layercake.example", "https://layercake.example", True),
+        ("wss", "layercake.example:443", "https://layercake.example", True),
+        ("ws", "layercake.example:80", "http://layercake.example", True),
+        ("ws", "other.example", "https://other.example", False),
+        ("ws", "internal:8000", "https://layercake.example", True),  # behind a proxy, trusted
+        ("ws", "127.0.0.1:8000", "", False),
+    ],
+)
+@override_settings(CSRF_TRUSTED_ORIGINS=["https://layercake.example"])
+def test_a_websocket_is_answered_only_from_the_sites_own_origin_or_a_trusted_one(
+    scheme: str, host: str, origin: str, answered: bool
+) -> None:
+    headers = [(b"host", host.encode())] + ([(b"origin", origin.encode())] if origin else [])
+    assert is_same_origin({"type": "websocket", "scheme": scheme, "headers": headers}) is answered
