@@ -169,7 +169,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             self.last_touch = now
             assert self.sandbox is not None
             if await _touch(sandbox_id=self.sandbox.pk):
-                await self.channel_layer.group_send(self.group, services.sandbox_deadlines_event())
+                # Each terminal of the sandbox (this one too) tells its browser the deadlines afresh.
+                await self.channel_layer.group_send(self.group, {"type": "sandbox.deadlines"})
 
     async def _send_state(self, sandbox: Sandbox) -> None:
         message = await _message(sandbox=sandbox)

@@ -280,16 +280,11 @@ def sandbox_teardown(*, sandbox_id: int) -> None:
 
 def sandbox_touch(*, sandbox_id: int) -> bool:
     """Record that the student used the sandbox, which puts off its idle timeout; whether it is still live.
-    The caller tells every terminal watching it (another tab's may be warning of the timeout) with
-    `sandbox_deadlines_event`, from where waiting on the channel layer holds up no one."""
+    The terminal consumer then tells the sandbox's other terminals, from where waiting on the channel layer
+    holds up no one (another tab's may be warning of the timeout)."""
     return bool(
         Sandbox.objects.filter(pk=sandbox_id, state__in=ACTIVE_STATES).update(last_activity_at=timezone.now())
     )
-
-
-def sandbox_deadlines_event() -> dict[str, str]:
-    """What a sandbox's group is sent to make each of its terminals tell its browser the deadlines afresh."""
-    return {"type": "sandbox.deadlines"}
 
 
 def sandbox_shell_gone(*, sandbox_id: int) -> None:
