@@ -1950,6 +1950,7 @@ class StudentGateway:
             for key in ("nocache", "target", "buildargs"):
                 if request.arg(key):
                     query.append((key, request.arg(key)))
+            query += self._build_cache(views, request)
             stream = await self.engine.open(
                 "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
             )
@@ -1977,6 +1978,31 @@ class StudentGateway:
                 await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
         finally:
             self.build_memory -= memory
+
+    def _build_cache(self, views: list[ImageView], request: Request) -> list[tuple[str, str]]:
+        """The steps a build may reuse. The builder's cache is the engine's, every student's: a step another
+        student ran on the same image, with the same command, would be reused, telling this one it was run
+        ("Using cache") and handing them what it made (a key, a date, whatever it read at random). Named cache
+        sources limit it to steps in those images' own history: the images the student sees (their own, a
+        dangling one too, so that rebuilding after a change reuses the steps before it, and the curated ones), or
+        those of them the student names with --cache-from. A name that is not found is passed over, as the
+        engine passes it over."""
+        named = json_arg(request, "cachefrom")
+        if named is not None and not (isinstance(named, list) and all(isinstance(ref, str) for ref in named)):
+            raise HttpError(400, "invalid cachefrom: a list of image names is expected")
+        if named:
+            sources = []
+            for ref in named:
+                try:
+                    sources.append(self._find_image(views, ref).id)
+                except HttpError:
+                    continue
+        else:
+            sources = [view.id for view in views]
+        if not sources:
+            # No source at all is, to the engine, every image on it.
+            return [("nocache", "1")]
+        return [("cachefrom", json.dumps(list(dict.fromkeys(sources))))]
 
     async def _reserve_build_memory(self) -> int:
         """The memory a build's steps may use: what the sandbox's containers and other builds leave of its

@@ -2,6 +2,7 @@
 image (FROM or COPY --from), forge a reserved label, or hide ONBUILD, and each is refused."""
 
 import io
+import json
 import tarfile
 import time
 from typing import Any
@@ -178,3 +179,52 @@ def test_a_long_line_is_read_in_linear_time(text: str) -> None:
     started = time.monotonic()
     assert len(policy.commit_changes(changes)) >= 1
     assert time.monotonic() - started < 2
+
+
+def _token(output: bytes) -> bytes:
+    """What the step below printed: its random bytes, in hex, on a line of their own."""
+    text = "".join(json.loads(line).get("stream", "") for line in output.splitlines() if line.strip())
+    return next(
+        line for line in text.split() if len(line) == 32 and all(c in "0123456789abcdef" for c in line)
+    ).encode()
+
+
+def _image_id(student: StudentSession, name: str = "probe") -> str:
+    return str(student.call("GET", f"/v1.41/images/{name}/json").json()["Id"])
+
+
+def test_a_build_reuses_no_step_another_student_ran(student_factory: Any, curated_image: str) -> None:
+    """The builder's cache is the engine's: the same step on the same image, built by another student, was
+    reused, telling this one it had been run and handing them what it made. Each student's builds reuse their
+    own steps, and only those."""
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+    key_step = "RUN head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' | tee /key; echo"
+    dockerfile = f"FROM {curated_image}\n{key_step}\n"
+    context = _context({"Dockerfile": dockerfile.encode()})
+    first = _build(alice, context)
+    assert first.status == 200 and b"Successfully tagged probe:latest" in first.body, first.body
+    key = _token(first.body)
+    built = _image_id(alice)
+
+    theirs = _build(bob, context)
+    assert theirs.status == 200 and b"Successfully tagged probe:latest" in theirs.body, theirs.body
+    assert b"Using cache" not in theirs.body and key not in theirs.body, theirs.body
+    assert _token(theirs.body) != key
+    # Naming the other's image as a source changes nothing: to this student it does not exist.
+    named = _build(bob, context, f"t=named&cachefrom={quote(json.dumps([built]))}")
+    assert named.status == 200 and b"Using cache" not in named.body, named.body
+
+    again = _build(alice, context)
+    assert again.status == 200 and b"Using cache" in again.body and key not in again.body, again.body
+    assert _image_id(alice) == built
+    # The name moves to another image, and the first is left dangling: it is still the student's own, and
+    # its steps are still reused.
+    other = _build(alice, _context({"Dockerfile": f"FROM {curated_image}\nRUN echo two > /two\n".encode()}))
+    assert other.status == 200 and b"Using cache" not in other.body, other.body
+    back = _build(alice, context)
+    assert back.status == 200 and b"Using cache" in back.body and key not in back.body, back.body
+    assert _image_id(alice) == built
+
+    answer = _build(alice, context, "t=probe&cachefrom=" + quote('{"not": "a list"}'))
+    assert answer.status == 400 and "cachefrom" in answer.message, answer.body
