@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -100,11 +101,20 @@ async def follow_events(
 ) -> None:
     """Follow the engine's events that match `filters` for as long as the caller runs, reconnecting when the
     stream fails: `connected` is called each time it is open (what happened while it was down is to be caught
-    up with then), `event` with each event's line, `lost` each time it ends."""
+    up with then), `event` with each event's line, `lost` each time it ends.
+
+    The engine answers before it subscribes, and an event in between would be missed: each stream asks for the
+    events since it was asked for, and a stream that takes the place of a lost one for those since the last
+    it delivered (the engine keeps its latest few hundred), so that none is missed or delivered twice."""
+    resume: int | None = None
     while True:
         stream: EngineStream | None = None
+        if resume is None:
+            resume = time.time_ns()
         try:
-            stream = await engine.open("GET", "/events", query={"filters": json.dumps(filters)})
+            stream = await engine.open(
+                "GET", "/events", query={"filters": json.dumps(filters), "since": event_time(resume)}
+            )
             head = await stream.head()
             if head.status != 200:
                 raise ConnectionError(f"engine events answered {head.status}")
@@ -115,6 +125,7 @@ async def follow_events(
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     if line.strip():
+                        resume = max(resume, event_nanoseconds(line) + 1)
                         await event(line)
         except asyncio.CancelledError:
             raise
@@ -125,3 +136,17 @@ async def follow_events(
             if stream is not None:
                 stream.close()
         await asyncio.sleep(RECONNECT_SECONDS)
+
+
+def event_time(nanoseconds: int) -> str:
+    """A moment as the engine's `since` reads it: seconds, and nanoseconds after the point."""
+    return f"{nanoseconds // 1_000_000_000}.{nanoseconds % 1_000_000_000:09d}"
+
+
+def event_nanoseconds(line: bytes) -> int:
+    """When the engine says an event happened, or 0 for a line that does not say."""
+    try:
+        moment = json.loads(line).get("timeNano")
+    except (ValueError, AttributeError):
+        return 0
+    return moment if isinstance(moment, int) else 0
