@@ -1947,7 +1947,7 @@ class StudentGateway:
             ]
             # Never quiet to the engine: it would keep all of the progress in its memory, and name no step's
             # container (the gateway shows what `docker build -q` shows).
-            for key in ("nocache", "target", "buildargs"):
+            for key in ("target", "buildargs"):
                 if request.arg(key):
                     query.append((key, request.arg(key)))
             query += self._build_cache(views, request)
@@ -1986,10 +1986,13 @@ class StudentGateway:
         sources limit it to steps in those images' own history: the images the student sees (their own, a
         dangling one too, so that rebuilding after a change reuses the steps before it, and the curated ones), or
         those of them the student names with --cache-from. A name that is not found is passed over, as the
-        engine passes it over."""
+        engine passes it over. The engine reads only the first nocache it is sent, so the gateway sends its
+        own alone: one of the student's first would turn the cache back on where no source is left."""
         named = json_arg(request, "cachefrom")
         if named is not None and not (isinstance(named, list) and all(isinstance(ref, str) for ref in named)):
             raise HttpError(400, "invalid cachefrom: a list of image names is expected")
+        if request.flag("nocache"):
+            return [("nocache", "1")]
         if named:
             sources = []
             for ref in named:
