@@ -1983,11 +1983,14 @@ class StudentGateway:
         """The steps a build may reuse. The builder's cache is the engine's, every student's: a step another
         student ran on the same image, with the same command, would be reused, telling this one it was run
         ("Using cache") and handing them what it made (a key, a date, whatever it read at random). Named cache
-        sources limit it to steps in those images' own history: the images the student sees (their own, a
-        dangling one too, so that rebuilding after a change reuses the steps before it, and the curated ones), or
-        those of them the student names with --cache-from. A name that is not found is passed over, as the
-        engine passes it over. The engine reads only the first nocache it is sent, so the gateway sends its
-        own alone: one of the student's first would turn the cache back on where no source is left."""
+        sources limit it to steps in those images' own history (the curated images' steps below the student's
+        own images included): the student's own images (a dangling one too, so that rebuilding after a change
+        reuses the steps before it), or those of them the student names with --cache-from. A name that is not
+        found, or names no image of the student's own, is passed over, as the engine passes over one it does not
+        find. A source is also one the engine changes: a build whose steps read as a source's history, its last
+        step included, has the engine make that build's image the source's parent, and a curated image is every
+        student's. The engine reads only the first nocache it is sent, so the gateway sends its own alone: one
+        of the student's first would turn the cache back on where no source is left."""
         named = json_arg(request, "cachefrom")
         if named is not None and not (isinstance(named, list) and all(isinstance(ref, str) for ref in named)):
             raise HttpError(400, "invalid cachefrom: a list of image names is expected")
@@ -1997,11 +2000,13 @@ class StudentGateway:
             sources = []
             for ref in named:
                 try:
-                    sources.append(self._find_image(views, ref).id)
+                    view = self._find_image(views, ref)
                 except HttpError:
                     continue
+                if view.own:
+                    sources.append(view.id)
         else:
-            sources = [view.id for view in views]
+            sources = [view.id for view in views if view.own]
         if not sources:
             # No source at all is, to the engine, every image on it.
             return [("nocache", "1")]

@@ -3,10 +3,12 @@ history replayed, and other students' objects named through the container, exec 
 
 import io
 import json
+import shutil
 import tarfile
 from typing import Any
 from urllib.parse import quote
 
+import docker
 import pytest
 
 from .conftest import StudentSession
@@ -78,3 +80,42 @@ def test_a_build_asked_to_use_its_cache_still_reuses_its_own_steps(
     fresh = _build(student, dockerfile, "t=probe&nocache=1")
     assert fresh.status == 200 and b"Using cache" not in fresh.body, fresh.body
     assert _token(fresh.body) != _token(first.body)
+
+
+def test_a_build_cannot_give_a_curated_image_a_parent_of_its_own(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    """A cache source's history is matched by its commands alone, and a step matching its last makes the engine
+    set the source's parent to the step's: steps that read as the curated image's own (a RUN spelling one of
+    its commands in one word, so that no image of the curated build is found by its configuration, then a RUN
+    spelling the builder's comment for its LABEL) gave the curated image, every student's, a parent this
+    student's build had made."""
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+    parent = engine.inspect_image(curated_image)["Parent"]
+    history = alice.call("GET", f"/v1.41/images/{curated_image}/history").json()
+    commands = [str(row["CreatedBy"]) for row in reversed(history)]
+    assert commands[0].startswith("/bin/sh -c #(nop) COPY file:") and "LABEL" in commands[-1], commands
+    lines = ["FROM scratch", "COPY busybox /bin/busybox"]
+    for command in commands[1:]:
+        nop = command.removeprefix("/bin/sh -c #(nop)  ")
+        if nop == command:
+            lines.append("RUN " + json.dumps([command]))
+        elif nop.startswith("LABEL "):
+            lines.append("RUN " + json.dumps(["/bin/sh", "-c", "#(nop) ", nop]))
+        else:
+            lines.append(nop)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        data = ("\n".join(lines) + "\n").encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+        archive.add(shutil.which("busybox") or "/bin/busybox", arcname="busybox")
+    built = alice.call(
+        "POST", "/v1.41/build?t=lookalike", body=buffer.getvalue(), headers={"Content-Type": "application/x-tar"}
+    )
+    assert built.status in (200, 403), built.body
+    assert engine.inspect_image(curated_image)["Parent"] == parent, built.body
+    rows = bob.call("GET", f"/v1.41/images/{curated_image}/history").json()
+    assert [row["Id"] for row in rows] == [row["Id"] for row in history]
