@@ -1575,6 +1575,9 @@ class StudentGateway:
         for key in ("Config", "ContainerConfig"):
             if isinstance(detail.get(key), dict):
                 detail[key]["Labels"] = strip_labels(detail[key].get("Labels")) or None
+        if not view.own and isinstance(detail.get("Metadata"), dict):
+            # The engine's time of the image's last tag, whoever tagged it: every student tags the curated images.
+            detail["Metadata"]["LastTagTime"] = detail.get("Created", "")
         await side.respond(200, self.namer.unmask(json.dumps(detail)).encode() + b"\n")
 
     async def image_history(self, side: ServerSide, request: Request, ref: str) -> None:

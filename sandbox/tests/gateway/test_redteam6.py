@@ -5,11 +5,13 @@ import io
 import json
 import shutil
 import tarfile
+import time
 from typing import Any
 from urllib.parse import quote
 
 import docker
 import pytest
+from django.conf import settings
 
 from .conftest import StudentSession
 
@@ -119,3 +121,140 @@ def test_a_build_cannot_give_a_curated_image_a_parent_of_its_own(
     assert engine.inspect_image(curated_image)["Parent"] == parent, built.body
     rows = bob.call("GET", f"/v1.41/images/{curated_image}/history").json()
     assert [row["Id"] for row in rows] == [row["Id"] for row in history]
+
+
+def test_the_engines_event_history_shows_nothing_of_another_student(
+    student_factory: Any, curated_image: str
+) -> None:
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+    since = int(time.time()) - 1
+    container = alice.run(curated_image, ["sleep", "600"], name="web")
+    created = alice.call("POST", "/v1.41/containers/web/exec", {"Cmd": ["true"], "AttachStdout": True})
+    assert created.status == 201, created.body
+    assert alice.call("POST", "/v1.41/volumes/create", {"Name": "data"}).status == 201
+    built = _build(alice, f"FROM {curated_image}\nRUN echo alice > /a\n")
+    assert built.status == 200 and b"Successfully built" in built.body, built.body
+    image = str(alice.call("GET", "/v1.41/images/probe/json").json()["Id"])
+    assert alice.call("POST", f"/v1.41/images/{curated_image}/tag?repo=mine&tag=v1").status == 201
+    committed = alice.call("POST", "/v1.41/commit?container=web&repo=saved")
+    assert committed.status == 201, committed.body
+    assert alice.call("DELETE", "/v1.41/images/mine:v1").status == 200
+    assert alice.call("DELETE", "/v1.41/containers/web?force=1").status == 204
+    assert alice.call("DELETE", "/v1.41/volumes/data").status == 204
+    until = int(time.time()) + 1
+    secrets = [container, image.removeprefix("sha256:"), str(committed.json()["Id"]).removeprefix("sha256:")]
+    secrets += [f"-s{alice.session_id}", alice.network, str(created.json()["Id"])]
+    filters: list[dict[str, list[str]]] = [{}]
+    filters += [{"type": [kind]} for kind in ("container", "image", "volume", "network", "daemon", "builder")]
+    filters += [{"image": [curated_image]}, {"event": ["tag", "untag", "commit", "create", "destroy"]}]
+    for wanted in filters:
+        query = f"since={since}&until={until}" + (f"&filters={quote(json.dumps(wanted))}" if wanted else "")
+        answer = bob.call("GET", f"/v1.41/events?{query}")
+        assert answer.status == 200, (wanted, answer.body)
+        text = answer.body.decode()
+        assert not [s for s in secrets if s in text], (wanted, text)
+    mine = alice.call("GET", f"/v1.41/events?since={since}&until={until}").body.decode()
+    assert container in mine and "saved" in mine, mine
+
+
+def test_another_students_objects_answer_as_objects_that_do_not_exist(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+    container = alice.run(curated_image, ["sleep", "600"], name="web")
+    assert alice.call("POST", "/v1.41/volumes/create", {"Name": "data"}).status == 201
+    built = _build(alice, f"FROM {curated_image}\nRUN echo alice > /a\n")
+    assert built.status == 200 and b"Successfully built" in built.body, built.body
+    image = str(alice.call("GET", "/v1.41/images/probe/json").json()["Id"])
+    network = engine.inspect_network(alice.network)["Id"]
+    prefix = f"{settings.SANDBOX_NAMESPACE}-s{alice.session_id}"
+    fake_container = "f" * 64
+    pairs = [
+        (container, fake_container),
+        (container[:12], fake_container[:12]),
+        (f"{prefix}-web", f"{prefix}-nothere"),
+    ]
+    container_paths = [
+        ("GET", "/v1.41/containers/{}/json"),
+        ("GET", "/v1.41/containers/{}/top"),
+        ("GET", "/v1.41/containers/{}/changes"),
+        ("GET", "/v1.41/containers/{}/stats?stream=0"),
+        ("HEAD", "/v1.41/containers/{}/archive?path=/"),
+        ("POST", "/v1.41/containers/{}/wait"),
+        ("POST", "/v1.41/containers/{}/resize?h=1&w=1"),
+        ("POST", "/v1.41/containers/{}/start"),
+        ("POST", "/v1.41/containers/{}/kill"),
+        ("DELETE", "/v1.41/containers/{}?force=1"),
+        ("POST", "/v1.41/commit?container={}"),
+        ("GET", "/v1.41/containers/{}/json/"),
+        ("GET", "/v1.40/containers/{}/json"),
+        ("GET", "/containers/{}/json"),
+    ]
+    checks = [(method, path, pair) for method, path in container_paths for pair in pairs]
+    image_paths = [
+        ("GET", "/v1.41/images/{}/json"),
+        ("GET", "/v1.41/images/{}/history"),
+        ("POST", "/v1.41/images/{}/tag?repo=stolen"),
+        ("DELETE", "/v1.41/images/{}?force=1"),
+        ("POST", "/v1.41/containers/create?name=x&_={}"),
+    ]
+    fake_image = "sha256:" + "e" * 64
+    image_pairs = [
+        (image, fake_image),
+        (image.removeprefix("sha256:")[:12], fake_image.removeprefix("sha256:")[:12]),
+        (f"{prefix}/probe", f"{prefix}/nothere"),
+    ]
+    checks += [(method, path, pair) for method, path in image_paths for pair in image_pairs]
+    other = [
+        ("GET", "/v1.41/volumes/{}", (f"{prefix}-data", f"{prefix}-nothere")),
+        ("DELETE", "/v1.41/volumes/{}", (f"{prefix}-data", f"{prefix}-nothere")),
+        ("GET", "/v1.41/networks/{}", (alice.network, alice.network + "0")),
+        ("GET", "/v1.41/networks/{}", (network, "0" * 64)),
+        ("GET", "/v1.41/networks/{}", (network[:12], "0" * 12)),
+    ]
+    checks += other
+    for method, path, (real, fake) in checks:
+        if path.startswith("/v1.41/containers/create"):
+            answers = [
+                bob.call("POST", "/v1.41/containers/create", {"Image": ref, "Cmd": ["true"]})
+                for ref in (real, fake)
+            ]
+        else:
+            answers = [bob.call(method, path.format(ref)) for ref in (real, fake)]
+        theirs, none = answers
+        assert (theirs.status, theirs.message.replace(real, "REF")) == (
+            none.status,
+            none.message.replace(fake, "REF"),
+        ), (method, path, real, theirs.body, none.body)
+        assert theirs.status >= 400, (method, path, real, theirs.body)
+    assert alice.call("GET", "/v1.41/containers/web/json").json()["State"]["Running"]
+    assert alice.call("GET", "/v1.41/images/probe/json").status == 200
+
+
+def test_a_curated_image_reads_the_same_whatever_another_student_does_with_it(
+    student_factory: Any, curated_image: str
+) -> None:
+    """Another student tagging, running, building on or committing from a curated image changes nothing of
+    what this student is shown of it."""
+    alice: StudentSession = student_factory()
+    bob: StudentSession = student_factory()
+
+    def seen() -> list[Any]:
+        listed = [e for e in bob.call("GET", "/v1.41/images/json?all=1").json() if curated_image in e["RepoTags"]]
+        return [
+            bob.call("GET", f"/v1.41/images/{curated_image}/json").json(),
+            bob.call("GET", f"/v1.41/images/{curated_image}/history").json(),
+            listed,
+        ]
+
+    before = seen()
+    time.sleep(1.1)
+    assert alice.call("POST", f"/v1.41/images/{curated_image}/tag?repo=mine&tag=v1").status == 201
+    alice.run(curated_image, ["sleep", "600"], name="web")
+    assert alice.call("POST", "/v1.41/commit?container=web&repo=saved").status == 201
+    built = _build(alice, f"FROM {curated_image}\nRUN echo alice > /a\n")
+    assert built.status == 200 and b"Successfully built" in built.body, built.body
+    assert alice.call("DELETE", "/v1.41/images/mine:v1").status == 200
+    assert seen() == before
