@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from . import policy
@@ -1954,6 +1955,7 @@ class StudentGateway:
                 if request.arg(key):
                     query.append((key, request.arg(key)))
             query += self._build_cache(views, request)
+            started = time.time()
             stream = await self.engine.open(
                 "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
             )
@@ -1975,9 +1977,8 @@ class StudentGateway:
                     drain=BUILD_DRAIN_SECONDS,
                 )
             finally:
-                if not output.image_id:
-                    await self._remove_failed_steps(output, bases)
-            if output.image_id:
+                await self._remove_leftovers(output, bases, started=started)
+            if output.image_id and not output.failed:
                 await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
         finally:
             self.build_memory -= memory
@@ -2029,45 +2030,52 @@ class StudentGateway:
             self.build_memory += memory
             return memory
 
-    async def _remove_failed_steps(self, output: "BuildOutput", bases: list[str]) -> None:
-        """The images a failed build's steps made, which no one can name (the engine labels only the last) and
-        which the engine would keep, each holding everything before it, read by every student's docker images.
-        The last one goes, and with it the steps below it that no other image or container uses. A RUN step
-        may print what the builder prints, so only an untagged image that descends from the build's own
-        images and is no other sandbox's is removed."""
-        steps = [
-            image for image in output.step_images if not any(base.startswith(f"sha256:{image}") for base in bases)
-        ]
-        if not steps:
+    async def _remove_leftovers(self, output: "BuildOutput", bases: list[str], *, started: float) -> None:
+        """The images a build leaves that no one can name (the engine labels only the last stage's last), each
+        holding everything before it, which the engine would keep on its disk, read by every student's docker
+        images -a: the last of each stage before the last, which the engine names as it names the image built
+        (so that the image is known only once the build has succeeded), and the last step of a build that
+        failed. Each goes, and with it the steps below it that no other image or container uses. A RUN step may
+        print what the builder prints, so only an untagged image that is no other sandbox's and that the engine
+        made since the build began is removed."""
+        built = output.image_id if not output.failed else ""
+        leftovers = [image for image in output.stage_images if image != built]
+        if not built:
+            steps = [
+                image
+                for image in output.step_images
+                if not any(base.startswith(f"sha256:{image}") for base in bases)
+            ]
+            leftovers += steps[-1:]
+        if not leftovers:
             return
         try:
-            # A build stopped midway removes its step's container after the answer ends: it must be gone first.
-            deadline = time.monotonic() + 15
-            while output.last_container and time.monotonic() < deadline:
-                if (await self.engine.call("GET", f"/containers/{output.last_container}/json")).status == 404:
-                    break
-                await asyncio.sleep(0.2)
-            detail = await self.engine.call("GET", f"/images/{steps[-1]}/json")
-            if detail.status != 200:
-                return
-            image = detail.json()
-            session = ((image.get("Config") or {}).get("Labels") or {}).get(SESSION)
-            if image.get("RepoTags") or session not in (None, str(self.record.session_id)):
-                return
-            history = await self.engine.json("GET", f"/images/{image['Id']}/history")
-            if not {row.get("Id") for row in history or []} & set(bases):
-                return
-            removed = await self.engine.call("DELETE", f"/images/{image['Id']}", query={"force": "0"})
-            if removed.status >= 300 and removed.status != 409:
-                log.warning(
-                    "session %s: could not remove a failed build's steps: %s",
-                    self.record.session_id,
-                    removed.message,
-                )
+            if not built:
+                # A build stopped midway removes its step's container after the answer ends: it must be gone first.
+                deadline = time.monotonic() + 15
+                while output.last_container and time.monotonic() < deadline:
+                    if (await self.engine.call("GET", f"/containers/{output.last_container}/json")).status == 404:
+                        break
+                    await asyncio.sleep(0.2)
+            for ref in dict.fromkeys(leftovers):
+                detail = await self.engine.call("GET", f"/images/{q(ref)}/json")
+                if detail.status != 200:
+                    continue
+                image = detail.json()
+                session = ((image.get("Config") or {}).get("Labels") or {}).get(SESSION)
+                if image.get("RepoTags") or session not in (None, str(self.record.session_id)):
+                    continue
+                if not made_since(image, started):
+                    continue
+                removed = await self.engine.call("DELETE", f"/images/{image['Id']}", query={"force": "0"})
+                if removed.status >= 300 and removed.status != 409:
+                    log.warning(
+                        "session %s: could not remove what a build left: %s",
+                        self.record.session_id,
+                        removed.message,
+                    )
         except HttpError:
-            log.warning(
-                "session %s: could not remove a failed build's steps", self.record.session_id, exc_info=True
-            )
+            log.warning("session %s: could not remove what a build left", self.record.session_id, exc_info=True)
 
     async def _limit_steps(self, output: "BuildOutput", memory: int) -> None:
         """The builder cannot limit the processes of a step's container, which runs whatever the student wrote:
@@ -2271,6 +2279,9 @@ class BuildOutput(LineRewriter):
         self.hidden_steps = hidden_steps
         self.hidden = 0
         self.hiding = False
+        # The image each stage ended in, as the engine names them: the last is the image built, once the build
+        # has succeeded.
+        self.stage_images: list[str] = []
         self.image_id = ""
         self.held = b""
         # The containers the builder says it runs steps in, as it says so (see `StudentGateway._limit_steps`).
@@ -2291,6 +2302,7 @@ class BuildOutput(LineRewriter):
         aux = message.get("aux")
         if isinstance(aux, dict) and aux.get("ID"):
             self.image_id = str(aux["ID"])
+            self.stage_images.append(self.image_id)
         text = message.get("stream")
         running = RUNNING_RE.match(text) if isinstance(text, str) else None
         if running:
@@ -2410,3 +2422,13 @@ async def engine_error(exc: EngineError) -> HttpError:
 
 def now() -> int:
     return int(time.time())
+
+
+def made_since(image: dict[str, Any], moment: float) -> bool:
+    """Whether the engine made an image (as it inspects it) at `moment` or later, a second's difference
+    between the engine's clock and this one's allowed."""
+    try:
+        created = datetime.fromisoformat(str(image.get("Created", "")))
+    except ValueError:
+        return False
+    return created.tzinfo is not None and created.timestamp() >= moment - 1

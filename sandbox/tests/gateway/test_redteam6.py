@@ -3,6 +3,7 @@ history replayed, and other students' objects named through the container, exec 
 
 import io
 import json
+import os
 import shutil
 import tarfile
 import time
@@ -10,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import docker
+import docker.errors
 import pytest
 from django.conf import settings
 
@@ -258,3 +260,61 @@ def test_a_curated_image_reads_the_same_whatever_another_student_does_with_it(
     assert built.status == 200 and b"Successfully built" in built.body, built.body
     assert alice.call("DELETE", "/v1.41/images/mine:v1").status == 200
     assert seen() == before
+
+
+def _step(engine: docker.APIClient, image: str) -> str:
+    """The instruction that made an image, as the builder wrote it; nothing for one already gone."""
+    try:
+        return " ".join(engine.inspect_image(image)["ContainerConfig"].get("Cmd") or [])
+    except docker.errors.NotFound:
+        return ""
+
+
+LEFTOVERS = {
+    "a failed build from scratch": "FROM scratch\nCOPY blob /blob\nENV STEP=two\nRUN false\n",
+    "a failed later stage from scratch": (
+        "FROM {base} AS first\nRUN true\nFROM scratch\nCOPY blob /blob\nRUN false\n"
+    ),
+    "a failed later stage": "FROM {base} AS first\nRUN true\nFROM {base}\nCOPY blob /blob\nRUN false\n",
+    "an earlier stage of a build that failed": "FROM {base} AS first\nCOPY blob /blob\nFROM {base}\nRUN false\n",
+    "an earlier stage of a build that succeeded": (
+        "FROM {base} AS first\nCOPY blob /blob\nFROM {base}\nCOPY --from=first /blob /copied\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("dockerfile", LEFTOVERS.values(), ids=list(LEFTOVERS))
+def test_a_build_leaves_no_image_that_no_one_can_name(
+    student: StudentSession, engine: docker.APIClient, curated_image: str, dockerfile: str
+) -> None:
+    """What a failed build's steps made was removed only when the engine had not named an image built (it
+    names the last image of every stage as it ends) and when it descended from one of the build's base images
+    (a stage from scratch descends from none), and an earlier stage's image was never removed: each such image
+    kept what it copied on the engine's disk, unlabelled, in no student's list, as often as the student
+    built."""
+    blob = os.urandom(256 * 1024)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in (("Dockerfile", dockerfile.format(base=curated_image).encode()), ("blob", blob)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    before = {image["Id"] for image in engine.images(all=True)}
+    answer = student.call(
+        "POST", "/v1.41/build?t=probe", body=buffer.getvalue(), headers={"Content-Type": "application/x-tar"}
+    )
+    assert answer.status == 200 and (b"errorDetail" in answer.body) == ("false" in dockerfile), answer.body
+    built = student.call("GET", "/v1.41/images/probe/json")
+    kept = {row["Id"] for row in engine.history(built.json()["Id"])} if built.status == 200 else set()
+    deadline = time.monotonic() + 20
+    while True:
+        left = {image["Id"] for image in engine.images(all=True)} - before - kept
+        copied = [image for image in left if " in /blob " in _step(engine, image)]
+        if not copied or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    try:
+        assert not copied, copied
+    finally:
+        for image in copied:
+            engine.remove_image(image, force=True)
