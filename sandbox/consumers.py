@@ -1,10 +1,13 @@
 """The terminal websocket: authenticates the browser, then relays between it and the sandbox's shell."""
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -12,6 +15,7 @@ from django.utils import timezone
 
 from . import protocol, services, terminal
 from .backends.base import SandboxError
+from .gateway.config import gateway_config
 from .models import Sandbox, SandboxState
 from .owners import owner_key_for_scope
 from .selectors import DeadlineNotice, sandbox_deadline_notice
@@ -64,6 +68,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.notice: DeadlineNotice | None = None
         self.notice_timer: asyncio.TimerHandle | None = None
         self.notice_check: asyncio.Task[None] | None = None
+        self.following: asyncio.Task[None] | None = None
         sandbox_id = int(self.scope["url_route"]["kwargs"]["pk"])
         sandbox = await _owned_sandbox(sandbox_id, owner_key_for_scope(self.scope))
         await self.accept()
@@ -116,8 +121,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             if timer is not None:
                 timer.cancel()
         # The look at the deadlines may be what is closing this websocket: it is not cut short then.
-        if self.notice_check is not None and self.notice_check is not asyncio.current_task():
-            self.notice_check.cancel()
+        for task in (self.notice_check, self.following):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
 
     async def disconnect(self, code: int) -> None:
         if self.closing_code is None:
@@ -182,8 +188,35 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self._close(protocol.CLOSE_ENDED)
         elif told and sandbox.state == SandboxState.READY:
             await self._send_deadlines(sandbox)
+            if self.following is None:
+                self.following = asyncio.ensure_future(self._follow_events(sandbox.pk))
             if self.relay is None:
                 await self._attach(sandbox)
+
+    async def _follow_events(self, sandbox_id: int) -> None:
+        """Pass on what the student does in the sandbox, as the gateway publishes it, for the page to follow
+        (its list of published ports, for one, is fetched again when they change). Should Redis fail, the page
+        still polls for what it shows."""
+        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(gateway_config().events_channel(sandbox_id))
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                try:
+                    event = json.loads(message["data"])
+                except ValueError:
+                    continue
+                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                    continue
+                if self.closing_code is not None or not await self._send(protocol.event_frame(event)):
+                    return
+        except (redis.RedisError, OSError):
+            log.warning("terminal %s: cannot follow the sandbox's events", sandbox_id, exc_info=True)
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
 
     async def _send_deadlines(self, sandbox: Sandbox) -> None:
         """Tell the browser which of the sandbox's ends are near, and look again when that would change."""

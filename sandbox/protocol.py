@@ -17,6 +17,9 @@ Server to browser:
                     the ends of a ready sandbox near enough to warn of, soonest first, none when none is. Sent
                     after the status and whenever that changes; input puts off "idle". Seconds, not times, so
                     that a browser whose clock is off still counts down right.
+    EVENT     0x85  UTF-8 JSON: {"type": ..., ...}: something the student did in the sandbox (a container
+                    started, an image built, the published ports changed), as the gateway publishes it
+                    (sandbox/gateway/events.py), for the page to follow.
 
 Integers are big-endian. The browser acknowledges output as it renders it; the server keeps at most a
 window of unacknowledged bytes in flight and stops reading from the sandbox past that.
@@ -35,6 +38,7 @@ OUTPUT = 0x81
 REPLAY = 0x82
 STATUS = 0x83
 DEADLINES = 0x84
+EVENT = 0x85
 
 FLAG_HAS_SCREEN = 0x01
 
@@ -141,6 +145,10 @@ def deadlines_frame(deadlines: Iterable[tuple[str, float]]) -> bytes:
         "deadlines": [{"reason": reason, "remaining": round(remaining, 1)} for reason, remaining in deadlines]
     }
     return bytes([DEADLINES]) + json.dumps(payload).encode()
+
+
+def event_frame(event: dict[str, object]) -> bytes:
+    return bytes([EVENT]) + json.dumps(event).encode()
 
 
 def hello_frame(*, has_screen: bool, offset: int) -> bytes:

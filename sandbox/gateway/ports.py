@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from . import policy
 from .config import GatewayConfig
 from .engine import Engine, EngineError, q
+from .events import EventPublisher
 from .http import HttpError
 from .names import Namer
 from .registry import SessionRecord
@@ -143,10 +144,15 @@ def forwarder_script(published: Published) -> str:
 
 
 class PortForwards:
-    def __init__(self, *, engine: Engine, config: GatewayConfig, redis: aioredis.Redis) -> None:
+    def __init__(
+        self, *, engine: Engine, config: GatewayConfig, redis: aioredis.Redis, events: EventPublisher
+    ) -> None:
         self.engine = engine
         self.config = config
         self.redis = redis
+        self.events = events
+        # What the student was last told their ports are, by session.
+        self._told: dict[int, list[dict[str, Any]]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._records: dict[int, SessionRecord] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -273,6 +279,7 @@ class PortForwards:
         self._again.discard(session_id)
         self._records.pop(session_id, None)
         self.unbound.pop(session_id, None)
+        self._told.pop(session_id, None)
         async with self.lock(session_id):
             for forwarder in await self._forwarders(session_id):
                 await self._remove(forwarder["Id"])
@@ -498,6 +505,11 @@ class PortForwards:
         entries.sort(key=lambda e: e["port"])
         ttl = max(record.expires_at - int(time.time()), 0) + 600
         await self.redis.set(self.config.ports_key(record.session_id), json.dumps({"ports": entries}), ex=ttl)
+        # Once the forwarders serve them: the page that follows the student's events fetches its links then.
+        told = [{key: entry[key] for key in ("port", "container", "container_port")} for entry in entries]
+        if self._told.get(record.session_id) != told:
+            self._told[record.session_id] = told
+            await self.events.publish(record.session_id, "ports.changed", ports=told)
 
     async def _sync_soon(self, session_id: int) -> None:
         while True:

@@ -117,8 +117,8 @@ class Gateway:
         self.config = config
         self.engine = Engine(config.engine_socket)
         self.redis: aioredis.Redis = aioredis.Redis.from_url(config.redis_url)
-        self.events = EventPublisher(redis=self.redis, namespace=config.namespace)
-        self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis)
+        self.events = EventPublisher(redis=self.redis, channel=config.events_channel)
+        self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis, events=self.events)
         self.sessions: dict[int, SessionServer] = {}
         self.builds = asyncio.Semaphore(MAX_GATEWAY_BUILDS)
         self.disk_usage = DiskUsage()

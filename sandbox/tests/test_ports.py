@@ -77,7 +77,8 @@ def test_the_panel_lists_the_published_ports_for_the_owner_only(records: Any) ->
     links = [f'href="/sandbox/{sandbox.pk}/port/8080/"', f'href="/sandbox/{sandbox.pk}/port/9090/"']
     assert html.index(links[0]) < html.index(links[1])
     assert "web:80" in html and "&lt;api&gt;:80" in html and "<api>" not in html
-    assert f'hx-get="/sandbox/{sandbox.pk}/ports/"' in html and 'hx-trigger="every 5s"' in html
+    assert f'hx-get="/sandbox/{sandbox.pk}/ports/"' in html
+    assert 'hx-trigger="layercake:ports-changed from:body, every 15s"' in html
 
     other = Client()
     other.force_login(stranger)

@@ -34,6 +34,8 @@ class Terminal:
         self.deadlines: list[dict[str, float]] = []
         self.offset = 0
         self.replays = 0
+        # What the gateway published of the student's doings, in order.
+        self.events: list[dict[str, object]] = []
 
     async def hello(self, *, has_screen: bool = False, cols: int = 100, rows: int = 30) -> None:
         await self.ws.send(protocol.hello_frame(has_screen=has_screen, offset=self.offset))
@@ -52,6 +54,8 @@ class Terminal:
         elif kind == protocol.DEADLINES:
             now = time.monotonic()
             self.deadlines.append({d["reason"]: now + d["remaining"] for d in json.loads(body)["deadlines"]})
+        elif kind == protocol.EVENT:
+            self.events.append(json.loads(body))
         elif kind in (protocol.OUTPUT, protocol.REPLAY):
             offset, data = int.from_bytes(body[:8], "big"), body[8:]
             if kind == protocol.REPLAY:

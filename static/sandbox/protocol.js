@@ -9,6 +9,7 @@ export const OUTPUT = 0x81;
 export const REPLAY = 0x82;
 export const STATUS = 0x83;
 export const DEADLINES = 0x84;
+export const EVENT = 0x85;
 
 export const FLAG_HAS_SCREEN = 0x01;
 
@@ -57,7 +58,7 @@ export function ack(offset) {
 }
 
 // Returns {kind, offset, data} for output and replay, {kind, status} for status, {kind, deadlines} for
-// deadlines (each {reason, remaining}, remaining in seconds), or null.
+// deadlines (each {reason, remaining}, remaining in seconds), {kind, event} for an event, or null.
 export function parse(buffer) {
   const bytes = new Uint8Array(buffer);
   if (bytes.length === 0) return null;
@@ -72,6 +73,9 @@ export function parse(buffer) {
   }
   if (kind === DEADLINES) {
     return { kind, deadlines: JSON.parse(decoder.decode(bytes.subarray(1))).deadlines };
+  }
+  if (kind === EVENT) {
+    return { kind, event: JSON.parse(decoder.decode(bytes.subarray(1))) };
   }
   return null;
 }

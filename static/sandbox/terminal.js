@@ -173,6 +173,11 @@ class SandboxTerminal {
       this.showState(frame.status.state, frame.status.message);
     } else if (frame.kind === wire.DEADLINES) {
       this.deadlineNotice.show(frame.deadlines);
+    } else if (frame.kind === wire.EVENT) {
+      // What the student did in the sandbox, for the rest of the page: "container.started" is dispatched as
+      // layercake:container-started, from the terminal up.
+      const name = `layercake:${String(frame.event.type).replace(/[^a-z]+/g, "-")}`;
+      this.root.dispatchEvent(new CustomEvent(name, { bubbles: true, detail: frame.event }));
     } else if (frame.kind === wire.REPLAY) {
       // A fresh screen from what the server kept. Queries in it (cursor position, device attributes) make
       // xterm answer; those answers belong to a past program, so they must not reach the shell.

@@ -101,3 +101,35 @@ def test_one_exit_too_many_only_warns_and_an_exit_right_after_it_leaves(
     asyncio.run(session())
     wait_until_ended(sandbox)
     assert _session_objects(sandbox.pk) == []
+
+
+@pytest.mark.usefixtures("engine_cleanup")
+def test_the_terminal_passes_on_what_the_student_does_and_when_the_ports_change(
+    live_asgi: str, gateway_process: GatewayProcess
+) -> None:
+    """The page follows the sandbox through its terminal: each thing the student does, as the gateway publishes
+    it, and the published ports each time they change, so that the page's list of them is fetched at once."""
+    client, sandbox = _workstation_sandbox("events")
+
+    def kinds(term: Terminal) -> list[object]:
+        return [event["type"] for event in term.events]
+
+    def ports(term: Terminal) -> list[object]:
+        return [event["ports"] for event in term.events if event["type"] == "ports.changed"]
+
+    async def session() -> None:
+        async with _at_the_prompt(live_asgi, sandbox, client) as (_, term):
+            await term.run("docker run -d --name web -p 8080:80 busybox httpd -f -p 80", b"\n")
+            await term.until(lambda t: "container.started" in kinds(t) and len(ports(t)) == 1)
+            assert ports(term) == [[{"port": 8080, "container": "web", "container_port": 80}]]
+            started = next(e for e in term.events if e["type"] == "container.started")
+            assert started["name"] == "web" and started["image"] == "busybox", started
+            await term.run("docker rm -f web", b"web")
+            await term.until(lambda t: len(ports(t)) == 2 and "container.removed" in kinds(t))
+            assert ports(term)[-1] == []
+            # Nothing of another sandbox's.
+            assert all(event.get("name") in ("web", None) for event in term.events), term.events
+
+    asyncio.run(session())
+    client.post(f"/sandbox/{sandbox.pk}/stop/", HTTP_HX_REQUEST="true")
+    wait_until_ended(sandbox)
