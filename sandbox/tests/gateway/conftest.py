@@ -103,6 +103,18 @@ class Answer:
         return str(data.get("message", "")) if isinstance(data, dict) else ""
 
 
+# A build step whose output no other build can make: sixteen random bytes, kept in /key and printed in hex.
+KEY_STEP = "RUN head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' | tee /key; echo"
+
+
+def printed_key(output: bytes) -> bytes:
+    """What KEY_STEP printed in a build's output: its random bytes, in hex, on a line of their own."""
+    text = "".join(json.loads(line).get("stream", "") for line in output.splitlines() if line.strip())
+    return next(
+        line for line in text.split() if len(line) == 32 and all(c in "0123456789abcdef" for c in line)
+    ).encode()
+
+
 def dockerfile_context(dockerfile: str) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:

@@ -15,35 +15,18 @@ import docker.errors
 import pytest
 from django.conf import settings
 
-from .conftest import StudentSession
+from .conftest import KEY_STEP, StudentSession, dockerfile_context, printed_key
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
-
-KEY_STEP = "RUN head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' | tee /key; echo"
-
-
-def _context(dockerfile: str) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        data = dockerfile.encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def _build(student: StudentSession, dockerfile: str, query: str = "t=probe") -> Any:
     return student.call(
-        "POST", f"/v1.41/build?{query}", body=_context(dockerfile), headers={"Content-Type": "application/x-tar"}
+        "POST",
+        f"/v1.41/build?{query}",
+        body=dockerfile_context(dockerfile),
+        headers={"Content-Type": "application/x-tar"},
     )
-
-
-def _token(output: bytes) -> bytes:
-    """What KEY_STEP printed: its random bytes, in hex, on a line of their own."""
-    text = "".join(json.loads(line).get("stream", "") for line in output.splitlines() if line.strip())
-    return next(
-        line for line in text.split() if len(line) == 32 and all(c in "0123456789abcdef" for c in line)
-    ).encode()
 
 
 @pytest.mark.parametrize(
@@ -65,12 +48,12 @@ def test_a_build_naming_no_cache_source_of_its_own_reuses_no_other_students_step
     dockerfile = f"FROM {curated_image}\n{KEY_STEP}\n"
     first = _build(alice, dockerfile)
     assert first.status == 200 and b"Successfully tagged probe:latest" in first.body, first.body
-    key = _token(first.body)
+    key = printed_key(first.body)
 
     theirs = _build(bob, dockerfile, f"t=probe&{query}")
     assert theirs.status == 200 and b"Successfully tagged probe:latest" in theirs.body, theirs.body
     assert b"Using cache" not in theirs.body and key not in theirs.body, theirs.body
-    assert _token(theirs.body) != key
+    assert printed_key(theirs.body) != key
 
 
 def test_a_build_asked_to_use_its_cache_still_reuses_its_own_steps(
@@ -83,7 +66,7 @@ def test_a_build_asked_to_use_its_cache_still_reuses_its_own_steps(
     assert again.status == 200 and b"Using cache" in again.body, again.body
     fresh = _build(student, dockerfile, "t=probe&nocache=1")
     assert fresh.status == 200 and b"Using cache" not in fresh.body, fresh.body
-    assert _token(fresh.body) != _token(first.body)
+    assert printed_key(fresh.body) != printed_key(first.body)
 
 
 def test_a_build_cannot_give_a_curated_image_a_parent_of_its_own(

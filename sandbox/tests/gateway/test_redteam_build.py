@@ -11,7 +11,7 @@ from urllib.parse import quote
 import docker
 import pytest
 
-from .conftest import StudentSession, owned_objects
+from .conftest import KEY_STEP, StudentSession, owned_objects, printed_key
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
 
@@ -181,14 +181,6 @@ def test_a_long_line_is_read_in_linear_time(text: str) -> None:
     assert time.monotonic() - started < 2
 
 
-def _token(output: bytes) -> bytes:
-    """What the step below printed: its random bytes, in hex, on a line of their own."""
-    text = "".join(json.loads(line).get("stream", "") for line in output.splitlines() if line.strip())
-    return next(
-        line for line in text.split() if len(line) == 32 and all(c in "0123456789abcdef" for c in line)
-    ).encode()
-
-
 def _image_id(student: StudentSession, name: str = "probe") -> str:
     return str(student.call("GET", f"/v1.41/images/{name}/json").json()["Id"])
 
@@ -199,18 +191,17 @@ def test_a_build_reuses_no_step_another_student_ran(student_factory: Any, curate
     own steps, and only those."""
     alice: StudentSession = student_factory()
     bob: StudentSession = student_factory()
-    key_step = "RUN head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' | tee /key; echo"
-    dockerfile = f"FROM {curated_image}\n{key_step}\n"
+    dockerfile = f"FROM {curated_image}\n{KEY_STEP}\n"
     context = _context({"Dockerfile": dockerfile.encode()})
     first = _build(alice, context)
     assert first.status == 200 and b"Successfully tagged probe:latest" in first.body, first.body
-    key = _token(first.body)
+    key = printed_key(first.body)
     built = _image_id(alice)
 
     theirs = _build(bob, context)
     assert theirs.status == 200 and b"Successfully tagged probe:latest" in theirs.body, theirs.body
     assert b"Using cache" not in theirs.body and key not in theirs.body, theirs.body
-    assert _token(theirs.body) != key
+    assert printed_key(theirs.body) != key
     # Naming the other's image as a source changes nothing: to this student it does not exist.
     named = _build(bob, context, f"t=named&cachefrom={quote(json.dumps([built]))}")
     assert named.status == 200 and b"Using cache" not in named.body, named.body
