@@ -65,7 +65,7 @@ MAX_CONNECTIONS = 64
 # Builds hold their whole context in memory while it is checked.
 MAX_CONCURRENT_BUILDS = 2
 MAX_GATEWAY_BUILDS = 4
-BUILD_CONTEXT_SECONDS = 120.0
+BUILD_CONTEXT_SECONDS = 30.0
 # How long a build goes on once its student has gone, before it is stopped.
 BUILD_DRAIN_SECONDS = 10.0
 # A lesson names a handful of images; these leave room for a whole course.
@@ -292,8 +292,10 @@ class StudentGateway:
         # What the session's running builds may use of its memory budget (see `_reserve_build_memory`).
         self.build_memory = 0
         self.builds = asyncio.Semaphore(MAX_CONCURRENT_BUILDS)
-        # Each build holds its context (and a rewritten copy) in memory: the gateway as a whole runs a few.
+        # Each build holds its context (and a rewritten copy) in memory: the gateway as a whole reads a few at
+        # once, and a session one, so that a student whose contexts crawl in holds one of the few, not all.
         self.gateway_builds = builds or asyncio.Semaphore(MAX_GATEWAY_BUILDS)
+        self.uploads = asyncio.Semaphore(1)
         self.disk_usage = disk_usage or DiskUsage()
         self.engine_images = engine_images or ImageList(engine)
 
@@ -438,8 +440,13 @@ class StudentGateway:
         if route.body_limit == "build":
             # The gateway-wide slot bounds the contexts held in memory: it is given back once the context is
             # with the engine, and a context must arrive in time, so that no build holds one for long.
-            async with self.builds, Slot(self.gateway_builds) as slot:
-                request.body_sent = slot.release
+            async with self.builds, Slot(self.uploads) as upload, Slot(self.gateway_builds) as slot:
+
+                def sent() -> None:
+                    slot.release()
+                    upload.release()
+
+                request.body_sent = sent
                 return await self._handle(
                     side, request, route, params, self.config.build_context_max, within=BUILD_CONTEXT_SECONDS
                 )

@@ -269,3 +269,32 @@ def test_builds_wait_for_memory_only_while_their_context_is_read(
         statuses = list(running)
     assert statuses == [200] * len(builds)
     assert seen == len(builds)
+
+
+def test_contexts_that_crawl_in_hold_one_place_a_sandbox(student_factory: Any, curated_image: str) -> None:
+    """The gateway reads a few build contexts at once, and a sandbox one of them: builds whose contexts never
+    finish arriving, as many as two sandboxes may start, leave the places another student's build needs."""
+    from sandbox.gateway.session import BUILD_CONTEXT_SECONDS, MAX_CONCURRENT_BUILDS, MAX_GATEWAY_BUILDS
+
+    crawlers = [student_factory() for _ in range(MAX_GATEWAY_BUILDS // MAX_CONCURRENT_BUILDS)]
+    held: list[socket.socket] = []
+    try:
+        for crawler in crawlers:
+            for _ in range(MAX_CONCURRENT_BUILDS):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(crawler.socket))
+                sock.sendall(
+                    b"POST /v1.41/build?t=crawl HTTP/1.1\r\nHost: docker\r\nContent-Type: application/x-tar\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n1\r\n\0\r\n"
+                )
+                held.append(sock)
+        time.sleep(0.5)
+        started = time.monotonic()
+        answer = student_factory().build(f"FROM {curated_image}\nLABEL quick=1\n", tag="quick")
+        assert answer.status == 200 and b"Successfully tagged quick:latest" in answer.body, answer.body
+        assert time.monotonic() - started < BUILD_CONTEXT_SECONDS / 2, "the build waited for a crawling one"
+        # Each crawling build is still being read, or waiting to be: none was answered.
+        assert select.select(held, [], [], 0)[0] == []
+    finally:
+        for sock in held:
+            sock.close()
