@@ -438,8 +438,9 @@ class StudentGateway:
             return False
         route, params = found
         if route.body_limit == "build":
-            # The gateway-wide slot bounds the contexts held in memory: it is given back once the context is
-            # with the engine, and a context must arrive in time, so that no build holds one for long.
+            # The gateway-wide slots bound the contexts held in memory, and a sandbox takes one at a time: each
+            # is given back once the context is with the engine, and a context must arrive in time, so that no
+            # build holds one for long.
             async with self.builds, Slot(self.uploads) as upload, Slot(self.gateway_builds) as slot:
 
                 def sent() -> None:
@@ -1974,6 +1975,7 @@ class StudentGateway:
             output = BuildOutput(self.namer, hidden_steps=len(self._owner()), quiet=request.flag("q"))
             # Read on for a while should the student go (docker build interrupted), so that what the build leaves
             # when it fails, or is stopped then, is known and removed.
+            completed = False
             try:
                 await self._stream_engine(
                     side,
@@ -1983,8 +1985,13 @@ class StudentGateway:
                     each=lambda: self._limit_steps(output, memory),
                     drain=BUILD_DRAIN_SECONDS,
                 )
+                completed = True
             finally:
-                await self._remove_leftovers(output, bases, started=started)
+                # An answer cut short (the student went, the engine's stream broke) built nothing to keep: the
+                # last image it named may be any stage's.
+                await self._remove_leftovers(
+                    output, bases, started=started, succeeded=completed and not output.failed
+                )
             if output.image_id and not output.failed:
                 await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
         finally:
@@ -2037,7 +2044,9 @@ class StudentGateway:
             self.build_memory += memory
             return memory
 
-    async def _remove_leftovers(self, output: "BuildOutput", bases: list[str], *, started: float) -> None:
+    async def _remove_leftovers(
+        self, output: "BuildOutput", bases: list[str], *, started: float, succeeded: bool
+    ) -> None:
         """The images a build leaves that no one can name (the engine labels only the last stage's last), each
         holding everything before it, which the engine would keep on its disk, read by every student's docker
         images -a: the last of each stage before the last, which the engine names as it names the image built
@@ -2045,8 +2054,9 @@ class StudentGateway:
         failed. Each goes, and with it the steps below it that no other image or container uses. A RUN step may
         print what the builder prints, so only an untagged image that is no other sandbox's and that the engine
         made since the build began is removed."""
-        built = output.image_id if not output.failed else ""
-        leftovers = [image for image in output.stage_images if image != built]
+        built = output.image_id if succeeded else ""
+        # A stage that only names an image (FROM, and no step) ends in that image, which is not the build's.
+        leftovers = [image for image in output.stage_images if image != built and image not in bases]
         if not built:
             steps = [
                 image
