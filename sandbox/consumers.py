@@ -1,13 +1,12 @@
 """The terminal websocket: authenticates the browser, then relays between it and the sandbox's shell."""
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -15,15 +14,15 @@ from django.utils import timezone
 
 from . import protocol, services, terminal
 from .backends.base import SandboxError
-from .gateway.config import gateway_config
 from .models import Sandbox, SandboxState
 from .owners import owner_key_for_scope
-from .selectors import DeadlineNotice, sandbox_deadline_notice
+from .selectors import DeadlineNotice, sandbox_deadline_notice, sandbox_events
 from .terminal import TerminalRelay, terminal_close, terminal_relay
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+EVENTS_RETRY_SECONDS = 15.0
 ENDED_STATES = {SandboxState.ENDED, SandboxState.FAILED, SandboxState.STOPPING}
 # Why the relay let a browser go, as the browser is told it.
 LET_GO = {"elsewhere": protocol.CLOSE_ELSEWHERE, "slow": protocol.CLOSE_SLOW}
@@ -195,28 +194,17 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def _follow_events(self, sandbox_id: int) -> None:
         """Pass on what the student does in the sandbox, as the gateway publishes it, for the page to follow
-        (its list of published ports, for one, is fetched again when they change). Should Redis fail, the page
-        still polls for what it shows."""
-        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
-        pubsub = client.pubsub()
-        try:
-            await pubsub.subscribe(gateway_config().events_channel(sandbox_id))
-            async for message in pubsub.listen():
-                if message["type"] != "message":
-                    continue
-                try:
-                    event = json.loads(message["data"])
-                except ValueError:
-                    continue
-                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-                    continue
-                if self.closing_code is not None or not await self._send(protocol.event_frame(event)):
-                    return
-        except (redis.RedisError, OSError):
-            log.warning("terminal %s: cannot follow the sandbox's events", sandbox_id, exc_info=True)
-        finally:
-            await pubsub.aclose()
-            await client.aclose()
+        (its list of published ports, for one, is fetched again when they change). While Redis fails, the page
+        still polls for what it shows, and this tries again now and then."""
+        while self.closing_code is None:
+            try:
+                async with contextlib.aclosing(sandbox_events(sandbox_id=sandbox_id)) as events:
+                    async for event in events:
+                        if self.closing_code is not None or not await self._send(protocol.event_frame(event)):
+                            return
+            except (redis.RedisError, OSError):
+                log.warning("terminal %s: cannot follow the sandbox's events", sandbox_id, exc_info=True)
+            await asyncio.sleep(EVENTS_RETRY_SECONDS)
 
     async def _send_deadlines(self, sandbox: Sandbox) -> None:
         """Tell the browser which of the sandbox's ends are near, and look again when that would change."""

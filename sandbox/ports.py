@@ -178,7 +178,8 @@ def _owned_ready_sandbox(request: HttpRequest, pk: int) -> Sandbox | None:
 
 @require_GET
 def ports(request: HttpRequest, pk: int) -> HttpResponse:
-    """The panel's list of published ports, an htmx fragment that polls itself while the sandbox is live."""
+    """The panel's list of published ports, an htmx fragment fetched again when the terminal says they changed,
+    and polled while the sandbox is live."""
     sandbox = sandbox_owned(owner_key=owner_key_for_request(request), sandbox_id=pk)
     if sandbox is None:
         raise Http404("No such sandbox.")

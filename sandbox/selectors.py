@@ -1,12 +1,18 @@
 """Reads of sandboxes used by more than one place."""
 
+import asyncio
+import json
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
+import redis.asyncio as aioredis
 from django.conf import settings
 
 from lessons.models import Lesson
 
+from .gateway.config import gateway_config
 from .models import EndReason, Sandbox
 
 
@@ -74,3 +80,29 @@ def sandbox_deadline_notice(*, sandbox: Sandbox, now: datetime) -> DeadlineNotic
         near=[(deadline.reason, max(0.0, (deadline.at - now).total_seconds())) for deadline in near],
         changes_in=(min(later) - now).total_seconds() if later else None,
     )
+
+
+async def sandbox_events(*, sandbox_id: int) -> AsyncGenerator[dict[str, Any], None]:
+    """What the student does in the sandbox from now on, as the gateway publishes it (sandbox/gateway/events.py),
+    each event a dict with its "type". Raises redis.RedisError when Redis fails."""
+    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, health_check_interval=30)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(gateway_config().events_channel(sandbox_id))
+        async for message in pubsub.listen():
+            if message["type"] != "message":
+                continue
+            try:
+                event = json.loads(message["data"])
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("type"), str):
+                yield event
+    finally:
+        # A websocket closing while this ends does not cut the connection's end short.
+        await asyncio.shield(_close_pubsub(pubsub, client))
+
+
+async def _close_pubsub(pubsub: Any, client: aioredis.Redis) -> None:
+    await pubsub.aclose()
+    await client.aclose()

@@ -279,11 +279,11 @@ class PortForwards:
         self._again.discard(session_id)
         self._records.pop(session_id, None)
         self.unbound.pop(session_id, None)
-        self._told.pop(session_id, None)
         async with self.lock(session_id):
             for forwarder in await self._forwarders(session_id):
                 await self._remove(forwarder["Id"])
             await self.redis.delete(self.config.ports_key(session_id))
+            self._told.pop(session_id, None)
         self._locks.pop(session_id, None)
 
     async def shutdown(self) -> None:

@@ -78,7 +78,7 @@ def test_the_panel_lists_the_published_ports_for_the_owner_only(records: Any) ->
     assert html.index(links[0]) < html.index(links[1])
     assert "web:80" in html and "&lt;api&gt;:80" in html and "<api>" not in html
     assert f'hx-get="/sandbox/{sandbox.pk}/ports/"' in html
-    assert 'hx-trigger="layercake:ports-changed from:body, every 15s"' in html
+    assert 'hx-trigger="layercake:ports-changed from:body delay:200ms, every 15s"' in html
 
     other = Client()
     other.force_login(stranger)

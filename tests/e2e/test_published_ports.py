@@ -36,6 +36,9 @@ def test_a_published_port_is_linked_once_it_is_served(lesson: Lesson, live_asgi:
     expect(link).to_have_text("localhost:8080")
     expect(page.locator(".sandbox-ports-target")).to_have_text("→ web:80")
     assert page.evaluate("window.portsChanged") == [[{"port": 8080, "container": "web", "container_port": 80}]]
+    # The list is fetched on the word, not on the next poll.
+    with page.expect_request(lambda request: request.url.endswith("/ports/"), timeout=2000):
+        page.evaluate("() => document.body.dispatchEvent(new CustomEvent('layercake:ports-changed'))")
     with page.expect_popup() as opened:
         link.click()
     expect(opened.value.locator("body")).to_have_text("served-from-web")

@@ -198,6 +198,9 @@ def test_a_build_reuses_no_step_another_student_ran(student_factory: Any, curate
     key = printed_key(first.body)
     built = _image_id(alice)
 
+    # Bob has an image of his own, so his build has a cache, of his images alone.
+    own = _build(bob, _context({"Dockerfile": f"FROM {curated_image}\nRUN echo bob > /bob\n".encode()}), "t=own")
+    assert own.status == 200 and b"Successfully tagged own:latest" in own.body, own.body
     theirs = _build(bob, context)
     assert theirs.status == 200 and b"Successfully tagged probe:latest" in theirs.body, theirs.body
     assert b"Using cache" not in theirs.body and key not in theirs.body, theirs.body

@@ -2,17 +2,20 @@
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import docker
 import pytest
+import redis
 from django.conf import settings
 from django.test import Client
 from websockets.asyncio.client import ClientConnection
 
 from lessons.models import Lesson
 from sandbox import protocol
+from sandbox.gateway.config import gateway_config
 from sandbox.models import Sandbox
 from sandbox.tests.test_terminal_live import Terminal, _start, _ws, wait_until_ended
 
@@ -124,11 +127,17 @@ def test_the_terminal_passes_on_what_the_student_does_and_when_the_ports_change(
             assert ports(term) == [[{"port": 8080, "container": "web", "container_port": 80}]]
             started = next(e for e in term.events if e["type"] == "container.started")
             assert started["name"] == "web" and started["image"] == "busybox", started
+            # Another sandbox's events go to its own terminals only.
+            publisher = redis.Redis.from_url(settings.REDIS_URL)
+            try:
+                other = gateway_config().events_channel(sandbox.pk + 1)
+                publisher.publish(other, json.dumps({"type": "container.started", "name": "theirs"}))
+            finally:
+                publisher.close()
             await term.run("docker rm -f web", b"web")
             await term.until(lambda t: len(ports(t)) == 2 and "container.removed" in kinds(t))
             assert ports(term)[-1] == []
-            # Nothing of another sandbox's.
-            assert all(event.get("name") in ("web", None) for event in term.events), term.events
+            assert all(event.get("name") != "theirs" for event in term.events), term.events
 
     asyncio.run(session())
     client.post(f"/sandbox/{sandbox.pk}/stop/", HTTP_HX_REQUEST="true")
