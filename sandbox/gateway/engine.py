@@ -105,7 +105,8 @@ async def follow_events(
 
     The engine answers before it subscribes, and an event in between would be missed: each stream asks for the
     events since it was asked for, and a stream that takes the place of a lost one for those since the last
-    it delivered (the engine keeps its latest few hundred), so that none is missed or delivered twice."""
+    it delivered, so that none is missed or delivered twice. The engine keeps only its latest few hundred
+    events of every kind, and none across its own restart: past those, `connected` is the caller's catch-up."""
     resume: int | None = None
     while True:
         stream: EngineStream | None = None
