@@ -254,6 +254,23 @@ def _step(engine: docker.APIClient, image: str) -> str:
         return ""
 
 
+def _assert_no_copy_left(engine: docker.APIClient, before: set[str], *, within: float) -> None:
+    """No image but those in `before` holds what a step copied to /blob, once the gateway has had `within`
+    seconds to remove them; any found is removed."""
+    deadline = time.monotonic() + within
+    while True:
+        left = {image["Id"] for image in engine.images(all=True)} - before
+        copied = [image for image in left if " in /blob " in _step(engine, image)]
+        if not copied or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    try:
+        assert not copied, copied
+    finally:
+        for image in copied:
+            engine.remove_image(image, force=True)
+
+
 LEFTOVERS = {
     "a failed build from scratch": "FROM scratch\nCOPY blob /blob\nENV STEP=two\nRUN false\n",
     "a failed later stage from scratch": (
@@ -290,18 +307,7 @@ def test_a_build_leaves_no_image_that_no_one_can_name(
     assert answer.status == 200 and (b"errorDetail" in answer.body) == ("false" in dockerfile), answer.body
     built = student.call("GET", "/v1.41/images/probe/json")
     kept = {row["Id"] for row in engine.history(built.json()["Id"])} if built.status == 200 else set()
-    deadline = time.monotonic() + 20
-    while True:
-        left = {image["Id"] for image in engine.images(all=True)} - before - kept
-        copied = [image for image in left if " in /blob " in _step(engine, image)]
-        if not copied or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    try:
-        assert not copied, copied
-    finally:
-        for image in copied:
-            engine.remove_image(image, force=True)
+    _assert_no_copy_left(engine, before | kept, within=20)
 
 
 def test_a_build_cut_short_leaves_no_image_that_no_one_can_name(
@@ -328,15 +334,4 @@ def test_a_build_cut_short_leaves_no_image_that_no_one_can_name(
             chunk = sock.recv(65536)
             assert chunk, answer
             answer += chunk
-    deadline = time.monotonic() + 40
-    while True:
-        left = {image["Id"] for image in engine.images(all=True)} - before
-        copied = [image for image in left if " in /blob " in _step(engine, image)]
-        if not copied or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    try:
-        assert not copied, copied
-    finally:
-        for image in copied:
-            engine.remove_image(image, force=True)
+    _assert_no_copy_left(engine, before, within=40)
