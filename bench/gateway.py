@@ -160,8 +160,10 @@ def main() -> None:
         print(
             f"median of {options.rounds} runs each, same machine, same run, {options.crowd} other students' images"
         )
+        medians: dict[str, float] = {}
         for label, command in commands.items():
             direct, through = paired((command, engine_env), (command, gateway_env), options.rounds)
+            medians[label] = direct
             print(
                 f"{label:40s} engine {direct * 1000:7.1f} ms  gateway {through * 1000:7.1f} ms  "
                 f"ratio {through / direct:.2f}x"
@@ -180,6 +182,11 @@ def main() -> None:
         print(
             f"{label:40s} engine {direct * 1000:7.1f} ms  gateway {through * 1000:7.1f} ms  "
             f"ratio {through / direct:.2f}x"
+        )
+        bridge = medians[f"docker run --rm {options.image} true"]
+        print(
+            f"  a gateway that cost nothing would measure {direct / bridge:.2f}x: the engine alone takes "
+            f"{direct * 1000:.1f} ms on the student network, {bridge * 1000:.1f} ms on its default bridge"
         )
 
         before = rss_kib(gateway.pid)
