@@ -145,6 +145,7 @@ def main() -> None:
                 expires_at=int(time.time()) + 3600,
                 memory_budget_mb=512,
                 max_containers=8,
+                disk_budget_mb=1024,
             )
 
         directory = open_session(network=True)

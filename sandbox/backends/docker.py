@@ -189,6 +189,7 @@ class DockerBackend(SandboxBackend):
                 expires_at=spec.expires_at,
                 memory_budget_mb=settings.SANDBOX_STUDENT_MEMORY_MB,
                 max_containers=settings.SANDBOX_STUDENT_MAX_CONTAINERS,
+                disk_budget_mb=settings.SANDBOX_STUDENT_DISK_MB,
             )
             # Read-only, whoever owns the directory: connecting to the socket needs no write to the mount, and
             # nothing in the workstation may replace the socket, or plant a link where the gateway makes it.

@@ -37,7 +37,13 @@ def _answers(path: Path) -> bool:
 
 
 def gateway_session_open(
-    *, session_id: int, owner_key: str, expires_at: int, memory_budget_mb: int, max_containers: int
+    *,
+    session_id: int,
+    owner_key: str,
+    expires_at: int,
+    memory_budget_mb: int,
+    max_containers: int,
+    disk_budget_mb: int,
 ) -> Path:
     """Register the session and wait (a few seconds at most) until its socket answers.
 
@@ -55,6 +61,7 @@ def gateway_session_open(
         expires_at=expires_at,
         memory_budget_mb=memory_budget_mb,
         max_containers=max_containers,
+        disk_budget_mb=disk_budget_mb,
     )
     client = _redis()
     try:

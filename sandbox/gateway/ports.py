@@ -44,9 +44,10 @@ from .config import GatewayConfig
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
 from .http import HttpError
+from .labels import EXPIRES, MANAGED, NAMESPACE, OWNER, PORTS_LABEL, ROLE, SESSION
 from .names import Namer
 from .registry import SessionRecord
-from .session import EXPIRES, MANAGED, NAMESPACE, OWNER, PORTS_LABEL, ROLE, SESSION, publishes
+from .session import publishes
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,9 @@ once. The gateway also re-reads the hash periodically, so a notice lost while it
 import json
 from dataclasses import asdict, dataclass
 
+# What a session registered before sessions had a disk budget may keep on the engine's disk.
+DISK_BUDGET_MB_DEFAULT = 1024
+
 
 @dataclass(frozen=True)
 class SessionRecord:
@@ -16,6 +19,7 @@ class SessionRecord:
     expires_at: int
     memory_budget_mb: int
     max_containers: int
+    disk_budget_mb: int = DISK_BUDGET_MB_DEFAULT
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -29,4 +33,5 @@ class SessionRecord:
             expires_at=int(data["expires_at"]),
             memory_budget_mb=int(data["memory_budget_mb"]),
             max_containers=int(data["max_containers"]),
+            disk_budget_mb=int(data.get("disk_budget_mb", DISK_BUDGET_MB_DEFAULT)),
         )

@@ -25,23 +25,15 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from .config import GatewayConfig
+from .disk import DiskWatch
 from .engine import Engine, follow_events
 from .events import EventPublisher
 from .http import ClientGone, HttpError, ServerSide
 from .imagelist import ImageList
+from .labels import IMAGE_LABEL, NAMESPACE, PORTS_LABEL, ROLE, SESSION
 from .ports import SYNC_SECONDS, PortForwards
 from .registry import SessionRecord
-from .session import (
-    IMAGE_LABEL,
-    MAX_CONNECTIONS,
-    MAX_GATEWAY_BUILDS,
-    NAMESPACE,
-    PORTS_LABEL,
-    ROLE,
-    SESSION,
-    DiskUsage,
-    StudentGateway,
-)
+from .session import MAX_CONNECTIONS, MAX_GATEWAY_BUILDS, StudentGateway
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +113,7 @@ class Gateway:
         self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis, events=self.events)
         self.sessions: dict[int, SessionServer] = {}
         self.builds = asyncio.Semaphore(MAX_GATEWAY_BUILDS)
-        self.disk_usage = DiskUsage()
+        self.disk = DiskWatch(self.engine, namespace=config.namespace)
         self.engine_images = ImageList(self.engine)
         # Each student connection may hold one to the engine as well; what is left serves the sockets,
         # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no
@@ -144,6 +136,7 @@ class Gateway:
             asyncio.create_task(self._watch_engine_events()),
             asyncio.create_task(self.engine_images.follow()),
             asyncio.create_task(self._sync_ports_forever()),
+            asyncio.create_task(self.disk.watch_forever()),
         ]
         try:
             await stop.wait()
@@ -248,7 +241,7 @@ class Gateway:
                 events=self.events,
                 ports=self.ports,
                 builds=self.builds,
-                disk_usage=self.disk_usage,
+                disk=self.disk,
                 engine_images=self.engine_images,
             )
             holder: SessionServer | None = None
@@ -285,6 +278,7 @@ class Gateway:
             holder = SessionServer(gateway, server, path)
             self._arm_expiry(holder)
             self.sessions[record.session_id] = holder
+            self.disk.join(gateway)
             log.info("session %s: serving %s", record.session_id, path)
             self.ports.request_sync(record)
 
@@ -305,6 +299,7 @@ class Gateway:
 
     async def _close(self, session_id: int, *, remove_dir: bool) -> None:
         holder = self.sessions.pop(session_id, None)
+        self.disk.leave(session_id)
         if holder is not None:
             if holder.expiry is not None and holder.expiry is not asyncio.current_task():
                 holder.expiry.cancel()

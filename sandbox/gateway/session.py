@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
+from .disk import DiskWatch
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
 from .http import MAX_HEADER_BYTES, ClientGone, EngineStream, HttpError, Request, Response, ServerSide
 from .imagelist import ImageList
+from .labels import CATALOG, EXPIRES, IMAGE_LABEL, MANAGED, NAMESPACE, OWNER, PORTS_LABEL, ROLE, SESSION
 from .names import HEX_RE, BadReference, Namer, Reference, is_student_repo_tag, parse_reference, split_repo_tag
 from .registry import SessionRecord
 
@@ -35,15 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANAGED = "layercake.managed"
-NAMESPACE = "layercake.namespace"
-SESSION = "layercake.session"
-OWNER = "layercake.owner"
-EXPIRES = "layercake.expires"
-ROLE = "layercake.role"
-CATALOG = "layercake.catalog"
-IMAGE_LABEL = "layercake.image"
-PORTS_LABEL = "layercake.ports"
 # The requests that may change the engine's images (see `ImageList`); a build only as it ends (see `build`).
 IMAGE_CHANGES_RE = re.compile(r"/(?:images|commit)(?:/|$)")
 # What docker's default bridge also shows at the top of a container's NetworkSettings.
@@ -68,6 +61,8 @@ MAX_GATEWAY_BUILDS = 4
 BUILD_CONTEXT_SECONDS = 30.0
 # How long a build goes on once its student has gone, before it is stopped.
 BUILD_DRAIN_SECONDS = 10.0
+# docker system df answers with the sizes of volumes the disk watch last found, looking again if they are older.
+VOLUME_SIZES_MAX_AGE = 30.0
 # A lesson names a handful of images; these leave room for a whole course.
 MAX_IMAGE_TAGS = 100
 MAX_IMAGES = 100
@@ -265,7 +260,7 @@ class StudentGateway:
         events: EventPublisher,
         ports: "PortForwards | None" = None,
         builds: asyncio.Semaphore | None = None,
-        disk_usage: "DiskUsage | None" = None,
+        disk: DiskWatch | None = None,
         engine_images: ImageList | None = None,
     ) -> None:
         self.record = record
@@ -296,7 +291,11 @@ class StudentGateway:
         # once, and a session one, so that a student whose contexts crawl in holds one of the few, not all.
         self.gateway_builds = builds or asyncio.Semaphore(MAX_GATEWAY_BUILDS)
         self.uploads = asyncio.Semaphore(1)
-        self.disk_usage = disk_usage or DiskUsage()
+        self.disk = disk or DiskWatch(engine, namespace=config.namespace)
+        # What the disk watch last found over the sandbox's disk budget (None: within it), and the containers of
+        # its builds' steps, which take its disk too.
+        self.disk_full: str | None = None
+        self.build_containers: set[str] = set()
         self.engine_images = engine_images or ImageList(engine)
 
     # Routing.
@@ -469,11 +468,15 @@ class StudentGateway:
         except TimeoutError as exc:
             raise HttpError(408, f"the request body did not arrive within {within:g} seconds") from exc
         try:
-            if request.method in ("POST", "DELETE") and IMAGE_CHANGES_RE.match(request.path):
-                with self.engine_images.changing():
+            try:
+                if request.method in ("POST", "DELETE") and IMAGE_CHANGES_RE.match(request.path):
+                    with self.engine_images.changing():
+                        await route.handler(side, request, **params)
+                else:
                     await route.handler(side, request, **params)
-            else:
-                await route.handler(side, request, **params)
+            finally:
+                if request.method == "DELETE" or request.path.endswith("/prune"):
+                    self.disk.forget()
         except BadReference as exc:
             await side.respond_error(HttpError(400, str(exc)))
         except HttpError as error:
@@ -488,6 +491,23 @@ class StudentGateway:
         await side.respond_error(error)
 
     # Helpers.
+
+    @property
+    def session_id(self) -> int:
+        return self.record.session_id
+
+    @property
+    def disk_budget(self) -> int:
+        return self.record.disk_budget_mb * MB
+
+    async def _refuse_over_disk(self) -> None:
+        """Nothing that takes more of the engine's disk while the sandbox keeps more than its budget; what the
+        student removed since the last look counts at once."""
+        if self.disk_full is None:
+            return
+        await self.disk.refresh(max_age=1.0)
+        if self.disk_full is not None:
+            raise policy.Refused(self.disk_full)
 
     def _labels(self, role: str) -> dict[str, str]:
         record = self.record
@@ -739,15 +759,16 @@ class StudentGateway:
         """docker system df of what the student sees: the images docker images lists for them, with the layers
         they share counted once, and their own containers and volumes. (The engine's answer is the whole
         engine's, and costs it a walk through every container's files.)"""
-        top, entries, containers, volumes, volume_sizes = await asyncio.gather(
+        top, entries, containers, volumes, _ = await asyncio.gather(
             self.image_views(),
             self.engine.json("GET", "/images/json", query={"all": "1"}),
             self.engine.json(
                 "GET", "/containers/json", query={"all": "1", "size": "1", "filters": self._containers_filter()}
             ),
             self.engine.json("GET", "/volumes", query={"filters": self._own_filter()}),
-            self.disk_usage.volume_sizes(self.engine),
+            self.disk.refresh(max_age=VOLUME_SIZES_MAX_AGE),
         )
+        volume_sizes = self.disk.volume_sizes
         sizes = {str(e["Id"]): int(e.get("Size") or 0) for e in entries or []}
         parents = {str(e["Id"]): str(e.get("ParentId") or "") for e in entries or []}
 
@@ -1000,6 +1021,7 @@ class StudentGateway:
         plan = policy.container_create_plan(body=request.json(), limits=self.limits, network=self.network)
         name = request.arg("name")
         engine_name = self.namer.container(name) if name else ""
+        await self._refuse_over_disk()
         async with self.budget_lock:
             image, containers = await asyncio.gather(self.resolve_image(plan.image), self.own_containers())
             if name:
@@ -1206,6 +1228,12 @@ class StudentGateway:
             if action == "kill" and error.status == 404:
                 raise HttpError(404, f"Cannot kill container: {ref}: {error.message}") from None
             raise
+        if action in ("start", "restart"):
+            try:
+                await self._refuse_over_disk()
+            except HttpError:
+                await self._remove_if_auto(container["Id"])
+                raise
         keep = {"stop": ("t",), "restart": ("t",), "kill": ("signal",), "start": ("detachKeys",)}.get(action, ())
         query = [(k, v) for k, v in request.query if k in keep]
         path = f"/containers/{container['Id']}/{action}"
@@ -1814,6 +1842,7 @@ class StudentGateway:
 
     async def commit(self, side: ServerSide, request: Request) -> None:
         container = await self.resolve_container(request.arg("container"))
+        await self._refuse_over_disk()
         if not policy.is_zero(request.json()):
             raise policy.not_available("a configuration body for docker commit (use --change)")
         changes = policy.commit_changes(request.args("changes"))
@@ -1887,6 +1916,7 @@ class StudentGateway:
             value = request.arg(name)
             if value not in ("", "0", "false", "null", "[]", "{}", "default"):
                 raise policy.not_available(f"docker build {what}")
+        await self._refuse_over_disk()
         views = await self.image_views()
         tags = []
         targets = []
@@ -1987,6 +2017,7 @@ class StudentGateway:
                 )
                 completed = True
             finally:
+                self.build_containers.difference_update(output.limited)
                 # An answer cut short (the student went, the engine's stream broke) built nothing to keep: the
                 # last image it named may be any stage's.
                 await self._remove_leftovers(
@@ -2114,6 +2145,9 @@ class StudentGateway:
                 and str(detail.get("Id", "")).startswith(ref)
             ):
                 continue
+            # The step's files take the sandbox's disk, which the disk watch measures.
+            output.limited.append(detail["Id"])
+            self.build_containers.add(detail["Id"])
             updated = await self.engine.call(
                 "POST", f"/containers/{detail['Id']}/update", payload={"PidsLimit": self.limits.pids}
             )
@@ -2163,6 +2197,7 @@ class StudentGateway:
         name, labels = policy.volume_create_body(request.json())
         name = name or secrets.token_hex(32)
         engine_name = self.namer.volume(name)
+        await self._refuse_over_disk()
         payload = {"Name": engine_name, "Driver": "local", "Labels": {**labels, **self._labels("student-volume")}}
         async with self.budget_lock:
             if (await self.engine.call("GET", f"/volumes/{q(engine_name)}")).status != 200:
@@ -2226,31 +2261,6 @@ def named_as_typed(response: Response, container_id: str, ref: str) -> None:
         response.body = json.dumps({"message": message}).encode()
 
 
-class DiskUsage:
-    """The sizes of volumes, known only by walking them: from the engine's own docker system df, which walks
-    every container's and volume's files and refuses a second while one runs, so it is asked for at most
-    every FRESH_SECONDS for the whole gateway, and a volume made since counts as empty."""
-
-    FRESH_SECONDS = 30.0
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.asked_at = -self.FRESH_SECONDS
-        self.sizes: dict[str, int] = {}
-
-    async def volume_sizes(self, engine: Engine) -> dict[str, int]:
-        async with self.lock:
-            if time.monotonic() - self.asked_at >= self.FRESH_SECONDS:
-                self.asked_at = time.monotonic()
-                response = await engine.call("GET", "/system/df")
-                if response.status == 200:
-                    volumes = (response.json() or {}).get("Volumes") or []
-                    self.sizes = {str(v["Name"]): int((v.get("UsageData") or {}).get("Size", -1)) for v in volumes}
-                else:
-                    log.warning("the engine's disk usage is not known: %s", response.message)
-            return self.sizes
-
-
 class LineRewriter:
     """Rewrites a newline-delimited JSON stream line by line, holding back only an incomplete last line."""
 
@@ -2303,6 +2313,8 @@ class BuildOutput(LineRewriter):
         self.held = b""
         # The containers the builder says it runs steps in, as it says so (see `StudentGateway._limit_steps`).
         self.step_containers: list[str] = []
+        # The IDs of the step containers the gateway limited, in full: the build's own.
+        self.limited: list[str] = []
         self.last_container = ""
         # The images the builder says its steps made (the first is the image a stage starts from).
         self.step_images: list[str] = []

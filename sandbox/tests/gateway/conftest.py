@@ -215,7 +215,7 @@ def student_factory(gateway_process: GatewayProcess, engine: docker.APIClient) -
     opened: list[StudentSession] = []
 
     def open_session(
-        *, memory_budget_mb: int = 512, max_containers: int = 8, expires_in: int = 3600
+        *, memory_budget_mb: int = 512, max_containers: int = 8, expires_in: int = 3600, disk_budget_mb: int = 1024
     ) -> StudentSession:
         session_id = 2_000_000_000 + secrets.randbelow(100_000_000)
         network = f"{settings.SANDBOX_NAMESPACE}-sb-{session_id}"
@@ -233,6 +233,7 @@ def student_factory(gateway_process: GatewayProcess, engine: docker.APIClient) -
             expires_at=int(time.time()) + expires_in,
             memory_budget_mb=memory_budget_mb,
             max_containers=max_containers,
+            disk_budget_mb=disk_budget_mb,
         )
         _wait_for_socket(session.socket)
         return session

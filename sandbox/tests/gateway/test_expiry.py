@@ -45,6 +45,7 @@ def test_expired_record_is_never_served(gateway_process: GatewayProcess) -> None
             expires_at=int(time.time()) - 1,
             memory_budget_mb=64,
             max_containers=1,
+            disk_budget_mb=64,
         )
         assert not (directory / "docker.sock").exists()
     finally:

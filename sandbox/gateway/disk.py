@@ -1,0 +1,237 @@
+"""What each sandbox keeps on the engine's disk, and what the gateway does when one keeps more than it may.
+
+The engine sets no quota on this storage driver (fuse-overlayfs takes no size option), so one student's `dd`
+in a container, a volume or a build step could fill the disk that every student shares. The gateway measures
+instead, every CHECK_SECONDS while it serves a session: one `docker system df` of the whole engine, which walks
+every container's and volume's files and refuses a second while one runs (so the gateway alone asks, and a
+student's own docker system df reads what it last found), and the engine's list of images.
+
+A sandbox's share is its containers' writable layers (its builds' step containers too), its volumes, and the
+layers of its own images that no image of anyone else holds (a curated image's layers are everyone's), each
+layer counted once. Over its budget, the sandbox's running containers that grew since the last look (or that
+mount a volume of its own that grew) are killed, and nothing that takes more of the disk is made (a container
+created or started, a build, a commit, a volume) until the student has removed enough: each such command
+looks again first, so the one after `docker rm` goes through.
+"""
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .engine import Engine
+from .labels import NAMESPACE, ROLE, SESSION
+
+log = logging.getLogger("layercake.gateway")
+
+CHECK_SECONDS = 3.0
+# The engine walks every container's and volume's files for each look: however many students ask, at most a few
+# looks a second.
+LOOK_GAP_SECONDS = 0.5
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DiskShare:
+    """Bytes a sandbox keeps: in its containers' writable layers, its own images' layers, its volumes."""
+
+    layers: int = 0
+    images: int = 0
+    volumes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.images + self.volumes
+
+
+class Sandbox(Protocol):
+    """What the watch needs of a session's gateway."""
+
+    build_containers: set[str]
+    disk_full: str | None
+
+    @property
+    def session_id(self) -> int: ...
+
+    @property
+    def disk_budget(self) -> int: ...
+
+
+def _owner(labels: dict[str, str] | None, namespace: str) -> int | None:
+    labels = labels or {}
+    if labels.get(NAMESPACE) != namespace:
+        return None
+    try:
+        return int(labels.get(SESSION, ""))
+    except ValueError:
+        return None
+
+
+def image_shares(images: Iterable[dict[str, Any]], *, namespace: str) -> dict[int, int]:
+    """Per session, the bytes of the layers that only its own images hold, from GET /images/json?all=1.
+
+    Each image adds one layer to its parent's (its size less its parent's). An image someone can name (tagged)
+    or that is no other's parent holds its stack; a layer is a session's when every image that holds it is one
+    of the session's own."""
+    entries = {str(e["Id"]): e for e in images}
+    parents = {image_id: str(e.get("ParentId") or "") for image_id, e in entries.items()}
+    children = set(parents.values())
+    holders: dict[str, set[int | None]] = {}
+    for image_id, entry in entries.items():
+        tags = [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
+        if tags or image_id not in children:
+            owner = _owner(entry.get("Labels"), namespace)
+            node, seen = image_id, set()
+            while node in entries and node not in seen:
+                seen.add(node)
+                holders.setdefault(node, set()).add(owner)
+                node = parents[node]
+    shares: dict[int, int] = {}
+    for node, owners in holders.items():
+        if len(owners) != 1:
+            continue
+        (owner,) = owners
+        if owner is None:
+            continue
+        size = int(entries[node].get("Size") or 0)
+        parent = entries.get(parents[node])
+        layer = max(size - int(parent.get("Size") or 0), 0) if parent else size
+        shares[owner] = shares.get(owner, 0) + layer
+    return shares
+
+
+def sandbox_containers(
+    containers: Iterable[dict[str, Any]], sandbox: Sandbox, *, namespace: str
+) -> list[dict[str, Any]]:
+    """The containers of docker system df that take a sandbox's disk: the student's, and its builds' steps (the
+    builder gives those no label of the student's)."""
+    mine = []
+    for container in containers:
+        labels = container.get("Labels") or {}
+        students = _owner(labels, namespace) == sandbox.session_id and labels.get(ROLE) == "student"
+        if students or container.get("Id") in sandbox.build_containers:
+            mine.append(container)
+    return mine
+
+
+def megabytes(size: int) -> str:
+    return f"{size / MB:.0f}" if size >= 10 * MB else f"{size / MB:.1f}"
+
+
+class DiskWatch:
+    def __init__(self, engine: Engine, *, namespace: str, check_seconds: float = CHECK_SECONDS) -> None:
+        self.engine = engine
+        self.namespace = namespace
+        self.check_seconds = check_seconds
+        self.sandboxes: dict[int, Sandbox] = {}
+        self.lock = asyncio.Lock()
+        self.measured_at = -math.inf
+        # Something was removed since the last look: what it took may be free.
+        self.stale = False
+        self.volume_sizes: dict[str, int] = {}
+        # Sizes at the last look, by container ID and by volume name: what grew since is what is writing.
+        self.last_sizes: dict[str, int] = {}
+        # The sandboxes, over their budget, that had a container stopped since they went over.
+        self.stopped: set[int] = set()
+
+    def join(self, sandbox: Sandbox) -> None:
+        self.sandboxes[sandbox.session_id] = sandbox
+
+    def leave(self, session_id: int) -> None:
+        self.sandboxes.pop(session_id, None)
+        self.stopped.discard(session_id)
+
+    async def watch_forever(self) -> None:
+        while True:
+            if self.sandboxes:
+                try:
+                    await self.measure()
+                except Exception:
+                    # The next look may do; the watch itself must not end.
+                    log.warning("the engine's disk usage could not be measured", exc_info=True)
+            await asyncio.sleep(self.check_seconds)
+
+    def forget(self) -> None:
+        self.stale = True
+
+    async def refresh(self, *, max_age: float) -> None:
+        """Measure again if something was removed since the last look, or it is older than max_age (several
+        asking at once wait for one)."""
+        async with self.lock:
+            age = time.monotonic() - self.measured_at
+            if self.stale or age > max_age:
+                await asyncio.sleep(max(LOOK_GAP_SECONDS - age, 0))
+                await self._measure()
+
+    async def measure(self) -> None:
+        async with self.lock:
+            await self._measure()
+
+    async def _measure(self) -> None:
+        measured_at = time.monotonic()
+        self.stale = False
+        response = await self.engine.call("GET", "/system/df")
+        if response.status != 200:
+            # Someone else's docker system df on the engine: the next look will do.
+            log.warning("the engine's disk usage is not known: %s", response.message)
+            return
+        usage = response.json() or {}
+        images = await self.engine.json("GET", "/images/json", query={"all": "1"}) or []
+        self.measured_at = measured_at
+        volumes = {str(v.get("Name")): v for v in usage.get("Volumes") or []}
+        self.volume_sizes = {name: int((v.get("UsageData") or {}).get("Size", -1)) for name, v in volumes.items()}
+        containers = usage.get("Containers") or []
+        in_images = image_shares(images, namespace=self.namespace)
+        sizes: dict[str, int] = {}
+        for sandbox in list(self.sandboxes.values()):
+            own = sandbox_containers(containers, sandbox, namespace=self.namespace)
+            own_volumes = {
+                name: max(size, 0)
+                for name, size in self.volume_sizes.items()
+                if _owner(volumes[name].get("Labels"), self.namespace) == sandbox.session_id
+            }
+            share = DiskShare(
+                layers=sum(max(int(c.get("SizeRw") or 0), 0) for c in own),
+                images=in_images.get(sandbox.session_id, 0),
+                volumes=sum(own_volumes.values()),
+            )
+            for container in own:
+                sizes[str(container["Id"])] = max(int(container.get("SizeRw") or 0), 0)
+            sizes.update({f"volume:{name}": size for name, size in own_volumes.items()})
+            await self._judge(sandbox, share, own, own_volumes)
+        self.last_sizes = sizes
+
+    async def _judge(
+        self, sandbox: Sandbox, share: DiskShare, containers: list[dict[str, Any]], volumes: dict[str, int]
+    ) -> None:
+        if share.total <= sandbox.disk_budget:
+            sandbox.disk_full = None
+            self.stopped.discard(sandbox.session_id)
+            return
+        grown = {name for name, size in volumes.items() if size > self.last_sizes.get(f"volume:{name}", 0)}
+        for container in containers:
+            if container.get("State") != "running":
+                continue
+            writes = int(container.get("SizeRw") or 0) > self.last_sizes.get(str(container["Id"]), 0)
+            mounts = {m.get("Name") for m in container.get("Mounts") or [] if m.get("Type") == "volume"}
+            if writes or mounts & grown:
+                killed = await self.engine.call("POST", f"/containers/{container['Id']}/kill")
+                if killed.status < 300:
+                    self.stopped.add(sandbox.session_id)
+                    log.info(
+                        "session %s: stopped container %s, which wrote past the sandbox's disk budget",
+                        sandbox.session_id,
+                        str(container["Id"])[:12],
+                    )
+        budget = sandbox.disk_budget
+        sandbox.disk_full = (
+            f"your sandbox keeps {megabytes(share.total)} MB on the disk, more than the {megabytes(budget)} MB it "
+            f"may: {megabytes(share.layers)} MB in its containers, {megabytes(share.images)} MB in its images and "
+            f"{megabytes(share.volumes)} MB in its volumes"
+            + ("; the containers that were writing were stopped" if sandbox.session_id in self.stopped else "")
+            + ". Remove what you no longer need (docker rm, docker rmi, docker volume rm; docker system df "
+            "shows what takes the space) and try again"
+        )

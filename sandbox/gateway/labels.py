@@ -1,0 +1,11 @@
+"""The labels the gateway puts on what it makes for a student, and reads back to know whose it is."""
+
+MANAGED = "layercake.managed"
+NAMESPACE = "layercake.namespace"
+SESSION = "layercake.session"
+OWNER = "layercake.owner"
+EXPIRES = "layercake.expires"
+ROLE = "layercake.role"
+CATALOG = "layercake.catalog"
+IMAGE_LABEL = "layercake.image"
+PORTS_LABEL = "layercake.ports"

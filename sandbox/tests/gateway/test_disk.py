@@ -1,0 +1,172 @@
+"""The disk budget: what a sandbox keeps on the engine's disk (its containers' writable layers, its volumes,
+its own images' layers) is measured, and a student who writes past it is stopped and can make nothing more
+until they remove some, while every other student goes on."""
+
+import json
+import time
+from typing import Any
+
+import docker
+import pytest
+
+from sandbox.gateway.disk import CHECK_SECONDS, image_shares
+
+from .conftest import StudentSession, owned_objects
+
+pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
+
+MB = 1024 * 1024
+
+
+def _create(student: StudentSession, image: str, cmd: list[str], **fields: Any) -> Any:
+    return student.call("POST", "/v1.41/containers/create", {"Image": image, "Cmd": cmd, **fields})
+
+
+def _wait_stopped(engine: docker.APIClient, container_id: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state: dict[str, Any] = engine.inspect_container(container_id)["State"]
+        if not state["Running"]:
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"container {container_id[:12]} still runs {timeout}s on")
+
+
+def _wait_refused(student: StudentSession, image: str, timeout: float = 20) -> str:
+    """The refusal of the sandbox's next container, once the disk watch has seen what it keeps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = _create(student, image, ["true"])
+        if answer.status == 403:
+            return str(answer.message)
+        assert answer.status == 201, answer.body
+        student.call("DELETE", f"/v1.41/containers/{answer.json()['Id']}")
+        time.sleep(0.5)
+    raise AssertionError("the sandbox went on making containers past its disk budget")
+
+
+def test_layers_count_once_for_the_sandbox_that_alone_holds_them() -> None:
+    namespace = "lc"
+
+    def image(image_id: str, parent: str, size: int, *, session: str = "", tags: bool = True) -> dict[str, Any]:
+        labels = {"layercake.namespace": namespace, "layercake.session": session} if session else {}
+        return {
+            "Id": image_id,
+            "ParentId": parent,
+            "Size": size * MB,
+            "Labels": labels,
+            "RepoTags": [f"{image_id}:latest"] if tags else ["<none>:<none>"],
+        }
+
+    images = [
+        image("curated", "", 2),
+        # A build's step below the image it made: no label of the student's, in no one else's stack.
+        image("step", "curated", 14, tags=False),
+        image("app", "step", 26, session="7"),
+        image("app2", "app", 27, session="7"),
+        image("dangling", "curated", 5, session="7", tags=False),
+        image("theirs", "curated", 10, session="8"),
+        # Another site's student on the same engine.
+        {**image("elsewhere", "app", 30), "Labels": {"layercake.namespace": "other", "layercake.session": "7"}},
+    ]
+    shares = image_shares(images, namespace=namespace)
+    # app's 12 MB and the step's 12 MB are held by the other site's image too: they are not session 7's alone.
+    assert shares == {7: (27 - 26) * MB + (5 - 2) * MB, 8: (10 - 2) * MB}
+    assert image_shares(images[:-1], namespace=namespace)[7] == (14 - 2 + 26 - 14 + 27 - 26 + 5 - 2) * MB
+
+
+def test_a_container_writing_past_the_disk_budget_is_stopped_and_nothing_more_is_made_until_it_goes(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    bob = student_factory(disk_budget_mb=16)
+    quiet = alice.run(curated_image, ["sleep", "600"])
+    writer = alice.run(curated_image, ["sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=24 && sleep 600"])
+    state = _wait_stopped(engine, writer)
+    assert state["ExitCode"] == 137
+    # Only what wrote is stopped.
+    assert engine.inspect_container(quiet)["State"]["Running"]
+
+    message = _wait_refused(alice, curated_image)
+    assert "more than the 16 MB it may" in message and "MB in its containers" in message, message
+    assert "the containers that were writing were stopped" in message and "docker rm" in message, message
+    for refused in (
+        alice.call("POST", f"/v1.41/containers/{writer}/start"),
+        alice.call("POST", f"/v1.41/commit?container={quiet}&repo=snapshot"),
+        alice.call("POST", "/v1.41/volumes/create", {"Name": "more"}),
+        alice.build(f"FROM {curated_image}\nRUN true\n", tag="more"),
+    ):
+        assert refused.status == 403 and "more than the 16 MB" in refused.message, refused.body
+    assert not [v for v in owned_objects(engine, alice)["volumes"] if v["Name"].endswith("more")]
+    # What a student can still do: look, and remove.
+    assert alice.call("GET", "/v1.41/containers/json?all=1").status == 200
+
+    # Another sandbox on the same engine goes on.
+    assert _create(bob, curated_image, ["true"]).status == 201
+
+    assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
+    again = _create(alice, curated_image, ["true"])
+    assert again.status == 201, again.body
+
+
+def test_a_volume_past_the_disk_budget_holds_the_sandbox_until_the_volume_goes(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    assert alice.call("POST", "/v1.41/volumes/create", {"Name": "data"}).status == 201
+    writer = alice.run(
+        curated_image,
+        ["sh", "-c", "dd if=/dev/zero of=/data/fill bs=1M count=24 && sleep 600"],
+        HostConfig={"Binds": ["data:/data"]},
+    )
+    assert _wait_stopped(engine, writer)["ExitCode"] == 137
+    assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
+    # The container is gone; what it wrote is not.
+    message = _wait_refused(alice, curated_image)
+    assert "MB in its volumes" in message and "0.0 MB in its containers" in message, message
+    assert alice.call("DELETE", "/v1.41/volumes/data").status == 204
+    assert _create(alice, curated_image, ["true"]).status == 201
+
+
+def test_a_build_step_writing_past_the_disk_budget_fails_the_build_and_leaves_nothing(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    started = time.monotonic()
+    answer = alice.build(
+        f"FROM {curated_image}\nRUN dd if=/dev/zero of=/fill bs=1M count=24 && sleep 600\n", tag="filler"
+    )
+    assert time.monotonic() - started < 30
+    lines = [json.loads(line) for line in answer.body.splitlines() if line.strip()]
+    errors = [line["error"] for line in lines if "error" in line]
+    assert errors and "returned a non-zero code: 137" in errors[-1], lines[-3:]
+    assert not owned_objects(engine, alice)["images"]
+    # The step's container went with the build, and with it what it wrote.
+    deadline = time.monotonic() + 3 * CHECK_SECONDS + 5
+    while time.monotonic() < deadline:
+        answer = _create(alice, curated_image, ["true"])
+        if answer.status == 201:
+            break
+        time.sleep(0.5)
+    assert answer.status == 201, answer.body
+
+
+def test_own_images_count_against_the_budget_and_a_layer_they_share_counts_once(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=40)
+    writer = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=24"])
+    assert _wait_stopped(engine, writer)["ExitCode"] == 0
+    committed = alice.call("POST", f"/v1.41/commit?container={writer}&repo=filled")
+    assert committed.status == 201, committed.body
+    # 24 MB in the container and 24 MB in its image: over 40 MB, though nothing is running to stop.
+    message = _wait_refused(alice, curated_image)
+    assert "MB in its images" in message and "were stopped" not in message, message
+    assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
+    assert _create(alice, curated_image, ["true"]).status == 201
+    # An image built on it holds the same 24 MB: counted twice it would be 48 MB again.
+    built = alice.build("FROM filled\nRUN echo more > /more\n", tag="filled-more")
+    assert b'"error"' not in built.body, built.body
+    time.sleep(2 * CHECK_SECONDS + 1)
+    answer = _create(alice, curated_image, ["true"])
+    assert answer.status == 201, answer.body
