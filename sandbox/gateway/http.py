@@ -55,9 +55,41 @@ def _reject_constant(name: str) -> Any:
     raise BadJson(f"invalid JSON value {name}")
 
 
+# No body of the Engine API nests deeper than a dozen levels; the policy walks what it is given.
+JSON_DEPTH_MAX = 64
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return True
+
+
+class TooDeep(ValueError):
+    pass
+
+
+def bounded_json(text: str, **options: Any) -> Any:
+    """json.loads, refusing (TooDeep) what nests deeper than JSON_DEPTH_MAX."""
+    try:
+        value = json.loads(text, **options)
+    except RecursionError:
+        pass
+    else:
+        if _depth_within(value, JSON_DEPTH_MAX):
+            return value
+    raise TooDeep(f"nested more than {JSON_DEPTH_MAX} levels deep")
+
+
 def strict_json(body: bytes) -> Any:
     """Decode a request body. Keys that repeat, also when they differ only by case (Go's decoder would match
-    either to the same field), are refused, as are NaN and Infinity."""
+    either to the same field), are refused, as are NaN and Infinity, and nesting deeper than JSON_DEPTH_MAX."""
     if not body.strip():
         return None
     try:
@@ -65,7 +97,7 @@ def strict_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise BadJson("request body is not valid UTF-8") from exc
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        return bounded_json(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except BadJson:
         raise
     except ValueError as exc:
@@ -94,10 +126,11 @@ class Request:
         return [value for key, value in self.query if key == name]
 
     def flag(self, name: str, default: bool = False) -> bool:
-        value = self.arg(name, "")
+        """A boolean query argument, read as the engine reads it."""
+        value = self.arg(name, "").strip().lower()
         if value == "":
             return default
-        return value.lower() not in ("0", "false", "no")
+        return value not in ("0", "false", "no", "none")
 
     def json(self) -> Any:
         return strict_json(self.body)

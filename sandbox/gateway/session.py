@@ -26,7 +26,16 @@ from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
 from .disk import DiskWatch
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
-from .http import MAX_HEADER_BYTES, ClientGone, EngineStream, HttpError, Request, Response, ServerSide
+from .http import (
+    MAX_HEADER_BYTES,
+    ClientGone,
+    EngineStream,
+    HttpError,
+    Request,
+    Response,
+    ServerSide,
+    bounded_json,
+)
 from .imagelist import ImageList
 from .labels import CATALOG, EXPIRES, IMAGE_LABEL, MANAGED, NAMESPACE, OWNER, PORTS_LABEL, ROLE, SESSION
 from .names import HEX_RE, BadReference, Namer, Reference, is_student_repo_tag, parse_reference, split_repo_tag
@@ -144,7 +153,7 @@ def strip_labels(labels: dict[str, str] | None) -> dict[str, str]:
 def json_arg(request: Request, name: str) -> Any:
     raw = request.arg(name)
     try:
-        return json.loads(raw) if raw else None
+        return bounded_json(raw) if raw else None
     except ValueError as exc:
         raise HttpError(400, f"invalid {name}: {exc}") from exc
 

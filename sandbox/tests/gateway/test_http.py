@@ -7,6 +7,8 @@ import stat
 
 import pytest
 
+from sandbox.gateway.http import Request
+
 from .conftest import StudentSession
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
@@ -89,6 +91,35 @@ def test_a_case_variant_key_is_read_as_go_reads_it(student: StudentSession, cura
         "POST", "/containers/create", {"Image": curated_image, "HostConfig": {"\u017frivileged": True}}
     )
     assert answer.status == 400
+
+
+def test_json_nested_past_any_docker_body_is_refused_and_the_connection_goes_on(
+    student: StudentSession, curated_image: str
+) -> None:
+    nested = b'{"Image": "%s", "Labels": {"a": "b"}, "Env": %s}'
+    good = json.dumps({"Image": curated_image, "Cmd": ["true"]}).encode()
+    head = b"POST /containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+    # Deeper than the interpreter's own stack, and deep enough only to make the policy's walk through it recurse.
+    for depth in (100_000, 900):
+        body = nested % (curated_image.encode(), b"[" * depth + b"]" * depth)
+        request = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        request += head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(good) + good
+        answer = student.raw(request)
+        assert answer.startswith(b"HTTP/1.1 400") and b"nested more than 64 levels deep" in answer, answer[:300]
+        assert b"HTTP/1.1 201" in answer
+    deep_filter = "[" * 20_000 + "]" * 20_000
+    answer = student.call("GET", f"/containers/json?filters={deep_filter}")
+    assert answer.status == 400 and "invalid filters: nested more than 64 levels deep" in answer.message
+    assert len(student.call("GET", "/containers/json?all=1").json()) == 2
+
+
+def test_a_flag_is_read_as_the_engine_reads_it() -> None:
+    def flag(value: str) -> bool:
+        request = Request("POST", "/build", "/build", [("nocache", value)], {}, upgrade=False)
+        return request.flag("nocache")
+
+    assert [flag(v) for v in ("1", "true", "True", "yes", "2", "on")] == [True] * 6
+    assert [flag(v) for v in ("0", "false", "FALSE", "no", "none", " 0 ", "None")] == [False] * 7
 
 
 def test_chunked_body_is_read_whole(student: StudentSession, curated_image: str) -> None:
