@@ -23,15 +23,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .engine import Engine
-from .labels import NAMESPACE, ROLE, SESSION
+from .labels import CATALOG, NAMESPACE, ROLE, SESSION
 
 log = logging.getLogger("layercake.gateway")
 
 CHECK_SECONDS = 3.0
+MB = 1024 * 1024
+STUDENT_ROLES = ("student", "workstation")
+# The workstation's files change as the student works (their shell's history, an editor's swap file): over the
+# budget, it is stopped, ending the sandbox, only if it is what is filling the disk.
+WORKSTATION_GROWTH_MAX = MB
 # The engine walks every container's and volume's files for each look: however many students ask, at most a few
 # looks a second.
 LOOK_GAP_SECONDS = 0.5
-MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,10 @@ class DiskShare:
 class Sandbox(Protocol):
     """What the watch needs of a session's gateway."""
 
+    # The containers and images of its builds' steps while they run (the builder labels neither as the
+    # student's), the images by the 12 digits the builder prints.
     build_containers: set[str]
+    build_images: set[str]
     disk_full: str | None
 
     @property
@@ -70,20 +77,41 @@ def _owner(labels: dict[str, str] | None, namespace: str) -> int | None:
         return None
 
 
-def image_shares(images: Iterable[dict[str, Any]], *, namespace: str) -> dict[int, int]:
+def curated_images(images: Iterable[dict[str, Any]]) -> set[str]:
+    """The images tagged with the name their catalog label gives them: the catalog's own, which stay everyone's
+    should the catalog untag one for a newer (an image built on one inherits the label, not the tag)."""
+    return {
+        str(e["Id"])
+        for e in images
+        if (e.get("Labels") or {}).get(CATALOG) in (e.get("RepoTags") or [])
+        and SESSION not in (e.get("Labels") or {})
+    }
+
+
+def image_shares(
+    images: Iterable[dict[str, Any]],
+    *,
+    namespace: str,
+    claimed: dict[str, int] | None = None,
+    curated: set[str] | None = None,
+) -> dict[int, int]:
     """Per session, the bytes of the layers that only its own images hold, from GET /images/json?all=1.
 
-    Each image adds one layer to its parent's (its size less its parent's). An image someone can name (tagged)
-    or that is no other's parent holds its stack; a layer is a session's when every image that holds it is one
-    of the session's own."""
+    Each image adds one layer to its parent's (its size less its parent's). An image someone can name (tagged),
+    that is no other's parent, or that a catalog made holds its stack; a layer is a session's when every image
+    that holds it is one of the session's own. `claimed` gives a session the steps of its builds under way, by
+    their first 12 digits; `curated` names the catalog's images, which are no one's."""
+    claimed = claimed or {}
+    curated = curated or set()
     entries = {str(e["Id"]): e for e in images}
     parents = {image_id: str(e.get("ParentId") or "") for image_id, e in entries.items()}
     children = set(parents.values())
     holders: dict[str, set[int | None]] = {}
     for image_id, entry in entries.items():
         tags = [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
-        if tags or image_id not in children:
-            owner = _owner(entry.get("Labels"), namespace)
+        short = image_id.removeprefix("sha256:")[:12]
+        if tags or image_id not in children or image_id in curated or short in claimed:
+            owner = None if image_id in curated else claimed.get(short, _owner(entry.get("Labels"), namespace))
             node, seen = image_id, set()
             while node in entries and node not in seen:
                 seen.add(node)
@@ -106,19 +134,19 @@ def image_shares(images: Iterable[dict[str, Any]], *, namespace: str) -> dict[in
 def sandbox_containers(
     containers: Iterable[dict[str, Any]], sandbox: Sandbox, *, namespace: str
 ) -> list[dict[str, Any]]:
-    """The containers of docker system df that take a sandbox's disk: the student's, and its builds' steps (the
-    builder gives those no label of the student's)."""
+    """The containers of docker system df that take a sandbox's disk: the student's, their workstation, and its
+    builds' steps (the builder gives those no label of the student's)."""
     mine = []
     for container in containers:
         labels = container.get("Labels") or {}
-        students = _owner(labels, namespace) == sandbox.session_id and labels.get(ROLE) == "student"
+        students = _owner(labels, namespace) == sandbox.session_id and labels.get(ROLE) in STUDENT_ROLES
         if students or container.get("Id") in sandbox.build_containers:
             mine.append(container)
     return mine
 
 
 def megabytes(size: int) -> str:
-    return f"{size / MB:.0f}" if size >= 10 * MB else f"{size / MB:.1f}"
+    return f"{size / MB:.1f}"
 
 
 class DiskWatch:
@@ -136,6 +164,8 @@ class DiskWatch:
         self.last_sizes: dict[str, int] = {}
         # The sandboxes, over their budget, that had a container stopped since they went over.
         self.stopped: set[int] = set()
+        # Every image seen under its catalog name: everyone's still, should the catalog untag it.
+        self.curated: set[str] = set()
 
     def join(self, sandbox: Sandbox) -> None:
         self.sandboxes[sandbox.session_id] = sandbox
@@ -157,12 +187,12 @@ class DiskWatch:
     def forget(self) -> None:
         self.stale = True
 
-    async def refresh(self, *, max_age: float) -> None:
-        """Measure again if something was removed since the last look, or it is older than max_age (several
-        asking at once wait for one)."""
+    async def refresh(self, *, max_age: float, removals: bool = True) -> None:
+        """Measure again if the last look is older than max_age, or (with removals) if something was removed
+        since; several asking at once wait for one."""
         async with self.lock:
             age = time.monotonic() - self.measured_at
-            if self.stale or age > max_age:
+            if (removals and self.stale) or age > max_age:
                 await asyncio.sleep(max(LOOK_GAP_SECONDS - age, 0))
                 await self._measure()
 
@@ -184,14 +214,18 @@ class DiskWatch:
         volumes = {str(v.get("Name")): v for v in usage.get("Volumes") or []}
         self.volume_sizes = {name: int((v.get("UsageData") or {}).get("Size", -1)) for name, v in volumes.items()}
         containers = usage.get("Containers") or []
-        in_images = image_shares(images, namespace=self.namespace)
+        self.curated |= curated_images(images)
+        claimed = {image: s.session_id for s in self.sandboxes.values() for image in s.build_images}
+        in_images = image_shares(images, namespace=self.namespace, claimed=claimed, curated=self.curated)
         sizes: dict[str, int] = {}
         for sandbox in list(self.sandboxes.values()):
             own = sandbox_containers(containers, sandbox, namespace=self.namespace)
+            # Its own volumes, and the anonymous ones its containers mount (which go with their container).
+            mounted = {m.get("Name") for c in own for m in c.get("Mounts") or [] if m.get("Type") == "volume"}
             own_volumes = {
                 name: max(size, 0)
                 for name, size in self.volume_sizes.items()
-                if _owner(volumes[name].get("Labels"), self.namespace) == sandbox.session_id
+                if _owner(volumes[name].get("Labels"), self.namespace) == sandbox.session_id or name in mounted
             }
             share = DiskShare(
                 layers=sum(max(int(c.get("SizeRw") or 0), 0) for c in own),
@@ -213,24 +247,34 @@ class DiskWatch:
             return
         grown = {name for name, size in volumes.items() if size > self.last_sizes.get(f"volume:{name}", 0)}
         for container in containers:
-            if container.get("State") != "running":
-                continue
-            writes = int(container.get("SizeRw") or 0) > self.last_sizes.get(str(container["Id"]), 0)
+            growth = int(container.get("SizeRw") or 0) - self.last_sizes.get(str(container["Id"]), 0)
             mounts = {m.get("Name") for m in container.get("Mounts") or [] if m.get("Type") == "volume"}
-            if writes or mounts & grown:
-                killed = await self.engine.call("POST", f"/containers/{container['Id']}/kill")
-                if killed.status < 300:
-                    self.stopped.add(sandbox.session_id)
-                    log.info(
-                        "session %s: stopped container %s, which wrote past the sandbox's disk budget",
-                        sandbox.session_id,
-                        str(container["Id"])[:12],
-                    )
+            workstation = (container.get("Labels") or {}).get(ROLE) == "workstation"
+            if not (growth > (WORKSTATION_GROWTH_MAX if workstation else 0) or mounts & grown):
+                continue
+            state = container.get("State")
+            if state == "running":
+                # A container killed is one stopped by hand: its restart policy does not start it again.
+                answer = await self.engine.call("POST", f"/containers/{container['Id']}/kill")
+            elif state == "restarting":
+                # Between two of its restarts: it starts no more.
+                answer = await self.engine.call(
+                    "POST", f"/containers/{container['Id']}/update", payload={"RestartPolicy": {"Name": "no"}}
+                )
+            else:
+                continue
+            if answer.status < 300:
+                self.stopped.add(sandbox.session_id)
+                log.info(
+                    "session %s: stopped container %s, which wrote past the sandbox's disk budget",
+                    sandbox.session_id,
+                    str(container["Id"])[:12],
+                )
         budget = sandbox.disk_budget
         sandbox.disk_full = (
-            f"your sandbox keeps {megabytes(share.total)} MB on the disk, more than the {megabytes(budget)} MB it "
-            f"may: {megabytes(share.layers)} MB in its containers, {megabytes(share.images)} MB in its images and "
-            f"{megabytes(share.volumes)} MB in its volumes"
+            f"your sandbox keeps {megabytes(share.total)} MB on the disk, more than the {budget // MB} MB it "
+            f"may: {megabytes(share.layers)} MB in its containers and workstation, "
+            f"{megabytes(share.images)} MB in its images and {megabytes(share.volumes)} MB in its volumes"
             + ("; the containers that were writing were stopped" if sandbox.session_id in self.stopped else "")
             + ". Remove what you no longer need (docker rm, docker rmi, docker volume rm; docker system df "
             "shows what takes the space) and try again"

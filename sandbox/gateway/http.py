@@ -148,6 +148,8 @@ class ServerSide:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         # An answer to HEAD has the head that GET would have, and no body.
         self.head_only = False
+        # The status of the answer last begun.
+        self.status = 0
 
     async def _next_event(self) -> Any:
         while True:
@@ -250,6 +252,7 @@ class ServerSide:
             ("Content-Length", str(len(body))),
             *headers,
         ]
+        self.status = status
         await self._send(h11.Response(status_code=status, headers=head))
         if body and not self.head_only:
             await self._send(h11.Data(data=body))
@@ -266,6 +269,7 @@ class ServerSide:
             (name, value) for name, value in headers if name.lower() not in ("content-length", "transfer-encoding")
         ]
         head.append(("Transfer-Encoding", "chunked"))
+        self.status = status
         await self._send(h11.Response(status_code=status, headers=head))
 
     async def stream_data(self, data: bytes) -> None:

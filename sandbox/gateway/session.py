@@ -305,6 +305,7 @@ class StudentGateway:
         # its builds' steps, which take its disk too.
         self.disk_full: str | None = None
         self.build_containers: set[str] = set()
+        self.build_images: set[str] = set()
         self.engine_images = engine_images or ImageList(engine)
 
     # Routing.
@@ -476,6 +477,7 @@ class StudentGateway:
                 request.body = await side.read_body(limit)
         except TimeoutError as exc:
             raise HttpError(408, f"the request body did not arrive within {within:g} seconds") from exc
+        side.status = 0
         try:
             try:
                 if request.method in ("POST", "DELETE") and IMAGE_CHANGES_RE.match(request.path):
@@ -484,7 +486,8 @@ class StudentGateway:
                 else:
                     await route.handler(side, request, **params)
             finally:
-                if request.method == "DELETE" or request.path.endswith("/prune"):
+                # What a removal frees counts at the next command that takes disk; a removal refused frees nothing.
+                if (request.method == "DELETE" or request.path.endswith("/prune")) and 200 <= side.status < 300:
                     self.disk.forget()
         except BadReference as exc:
             await side.respond_error(HttpError(400, str(exc)))
@@ -775,7 +778,7 @@ class StudentGateway:
                 "GET", "/containers/json", query={"all": "1", "size": "1", "filters": self._containers_filter()}
             ),
             self.engine.json("GET", "/volumes", query={"filters": self._own_filter()}),
-            self.disk.refresh(max_age=VOLUME_SIZES_MAX_AGE),
+            self.disk.refresh(max_age=VOLUME_SIZES_MAX_AGE, removals=False),
         )
         volume_sizes = self.disk.volume_sizes
         sizes = {str(e["Id"]): int(e.get("Size") or 0) for e in entries or []}
@@ -1796,7 +1799,9 @@ class StudentGateway:
         forced = request.flag("force") and (by_name is None or view.own)
         query = {
             "force": "1" if forced else "0",
-            "noprune": "1" if request.flag("noprune") else "0",
+            # Never --no-prune: the untagged steps it would keep carry no label of the student's, so that no list
+            # of theirs, no cleanup and no disk budget would find them again.
+            "noprune": "0",
         }
         response = await self.engine.call("DELETE", f"/images/{q(target)}", query=query)
         await self._respond_engine(side, response)
@@ -2027,6 +2032,7 @@ class StudentGateway:
                 completed = True
             finally:
                 self.build_containers.difference_update(output.limited)
+                self.build_images.difference_update(output.step_images)
                 # An answer cut short (the student went, the engine's stream broke) built nothing to keep: the
                 # last image it named may be any stage's.
                 await self._remove_leftovers(
@@ -2139,6 +2145,8 @@ class StudentGateway:
         each gets the limit of the student's containers as soon as the builder names it (before it starts it,
         or a moment after). Only a container the builder made with this gateway's settings for builds is
         changed, since a RUN step may print the same words as the builder."""
+        # Each step's image takes the sandbox's disk until the build's image holds it (or it is removed).
+        self.build_images.update(output.step_images)
         while output.step_containers:
             ref = output.step_containers.pop(0)
             response = await self.engine.call("GET", f"/containers/{ref}/json")

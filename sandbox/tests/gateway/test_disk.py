@@ -3,11 +3,13 @@ its own images' layers) is measured, and a student who writes past it is stopped
 until they remove some, while every other student goes on."""
 
 import json
+import threading
 import time
 from typing import Any
 
 import docker
 import pytest
+from django.test import override_settings
 
 from sandbox.gateway.disk import CHECK_SECONDS, image_shares
 
@@ -128,6 +130,27 @@ def test_a_volume_past_the_disk_budget_holds_the_sandbox_until_the_volume_goes(
     assert _create(alice, curated_image, ["true"]).status == 201
 
 
+@pytest.mark.parametrize(
+    "mount",
+    [
+        {"Volumes": {"/data": {}}},
+        {"HostConfig": {"Mounts": [{"Type": "volume", "Source": "", "Target": "/data"}]}},
+    ],
+    ids=["-v /data", "--mount type=volume"],
+)
+def test_an_anonymous_volume_counts_for_the_sandbox_whose_container_mounts_it(
+    student_factory: Any, curated_image: str, engine: docker.APIClient, mount: dict[str, Any]
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    fill = "dd if=/dev/zero of=/data/fill bs=1M count=24 && sleep 600"
+    writer = alice.run(curated_image, ["sh", "-c", fill], **mount)
+    assert _wait_stopped(engine, writer)["ExitCode"] == 137
+    assert "MB in its volumes" in _wait_refused(alice, curated_image)
+    # The volume goes with its container.
+    assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
+    assert _create(alice, curated_image, ["true"]).status == 201
+
+
 def test_a_build_step_writing_past_the_disk_budget_fails_the_build_and_leaves_nothing(
     student_factory: Any, curated_image: str, engine: docker.APIClient
 ) -> None:
@@ -149,6 +172,62 @@ def test_a_build_step_writing_past_the_disk_budget_fails_the_build_and_leaves_no
             break
         time.sleep(0.5)
     assert answer.status == 201, answer.body
+
+
+def test_the_steps_of_a_build_under_way_count_for_its_sandbox(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    dockerfile = f"FROM {curated_image}\n" + "RUN dd if=/dev/zero of=/fill$RANDOM bs=1M count=12\n" * 2
+    answers: list[Any] = []
+    build = threading.Thread(target=lambda: answers.append(alice.build(dockerfile + "RUN sleep 10\n", tag="big")))
+    build.start()
+    try:
+        # No step's container holds more than 12 MB, and the build has named no image yet: its steps' images do.
+        message = _wait_refused(alice, curated_image, timeout=10)
+        assert "MB in its images" in message and "0.0 MB in its volumes" in message, message
+    finally:
+        build.join(60)
+    assert answers and b'"error"' not in answers[0].body, answers
+    assert "MB in its images" in _wait_refused(alice, curated_image)
+    assert alice.call("DELETE", "/v1.41/images/big").status == 200
+    assert _create(alice, curated_image, ["true"]).status == 201
+
+
+def test_rmi_no_prune_leaves_no_steps_that_no_one_could_name(
+    student: StudentSession, curated_image: str, engine: docker.APIClient
+) -> None:
+    built = student.build(f"FROM {curated_image}\nRUN echo a > /a\nRUN echo b > /b\n", tag="steps")
+    steps = [
+        line["stream"].split()[-1]
+        for line in (json.loads(raw) for raw in built.body.splitlines() if raw.strip())
+        if line.get("stream", "").startswith(" ---> ") and "Running in" not in line["stream"]
+    ]
+    # The first is the image the build is FROM.
+    steps = steps[1:]
+    assert len(steps) >= 2, built.body
+    assert student.call("DELETE", "/v1.41/images/steps?noprune=1").status == 200
+    left = {image["Id"].removeprefix("sha256:")[:12] for image in engine.images(all=True)}
+    assert not set(steps) & left
+
+
+def test_a_workstation_filling_the_disk_is_stopped(sandbox_factory: Any, engine: docker.APIClient) -> None:
+    with override_settings(SANDBOX_STUDENT_DISK_MB=16):
+        sandbox = sandbox_factory()
+    container = sandbox.workstation.container_id
+    fill = engine.exec_create(container, ["sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=40"], user="1000")
+    engine.exec_start(fill["Id"])
+    # The workstation is stopped, and with it the sandbox (the engine removes it).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if not engine.inspect_container(sandbox.workstation.container_id)["State"]["Running"]:
+                break
+        except docker.errors.NotFound:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the workstation went on after filling the disk budget")
 
 
 def test_own_images_count_against_the_budget_and_a_layer_they_share_counts_once(
