@@ -108,8 +108,8 @@ def test_json_nested_past_any_docker_body_is_refused_and_the_connection_goes_on(
         assert answer.startswith(b"HTTP/1.1 400") and b"nested more than 64 levels deep" in answer, answer[:300]
         assert b"HTTP/1.1 201" in answer
     deep_filter = "[" * 20_000 + "]" * 20_000
-    answer = student.call("GET", f"/containers/json?filters={deep_filter}")
-    assert answer.status == 400 and "invalid filters: nested more than 64 levels deep" in answer.message
+    refused = student.call("GET", f"/containers/json?filters={deep_filter}")
+    assert refused.status == 400 and "invalid filters: nested more than 64 levels deep" in refused.message
     assert len(student.call("GET", "/containers/json?all=1").json()) == 2
 
 
