@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .engine import Engine
+from .events import EventPublisher
 from .labels import CATALOG, NAMESPACE, ROLE, SESSION
 
 log = logging.getLogger("layercake.gateway")
@@ -150,8 +151,16 @@ def megabytes(size: int) -> str:
 
 
 class DiskWatch:
-    def __init__(self, engine: Engine, *, namespace: str, check_seconds: float = CHECK_SECONDS) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        namespace: str,
+        events: EventPublisher | None = None,
+        check_seconds: float = CHECK_SECONDS,
+    ) -> None:
         self.engine = engine
+        self.events = events
         self.namespace = namespace
         self.check_seconds = check_seconds
         self.sandboxes: dict[int, Sandbox] = {}
@@ -241,41 +250,61 @@ class DiskWatch:
     async def _judge(
         self, sandbox: Sandbox, share: DiskShare, containers: list[dict[str, Any]], volumes: dict[str, int]
     ) -> None:
+        was_full = sandbox.disk_full is not None
         if share.total <= sandbox.disk_budget:
             sandbox.disk_full = None
             self.stopped.discard(sandbox.session_id)
+            if was_full:
+                await self._publish(sandbox, "disk.freed", share)
             return
         grown = {name for name, size in volumes.items() if size > self.last_sizes.get(f"volume:{name}", 0)}
+        writers = []
         for container in containers:
             growth = int(container.get("SizeRw") or 0) - self.last_sizes.get(str(container["Id"]), 0)
             mounts = {m.get("Name") for m in container.get("Mounts") or [] if m.get("Type") == "volume"}
             workstation = (container.get("Labels") or {}).get(ROLE) == "workstation"
-            if not (growth > (WORKSTATION_GROWTH_MAX if workstation else 0) or mounts & grown):
-                continue
-            state = container.get("State")
-            if state == "running":
+            if container.get("State") in ("running", "restarting") and (
+                growth > (WORKSTATION_GROWTH_MAX if workstation else 0) or mounts & grown
+            ):
+                writers.append(container)
+        stopping = bool(writers) and sandbox.session_id not in self.stopped
+        if writers:
+            self.stopped.add(sandbox.session_id)
+        sandbox.disk_full = (
+            f"your sandbox keeps {megabytes(share.total)} MB on the disk, more than the "
+            f"{sandbox.disk_budget // MB} MB it may: {megabytes(share.layers)} MB in its containers and "
+            f"workstation, {megabytes(share.images)} MB in its images and {megabytes(share.volumes)} MB in its "
+            "volumes"
+            + ("; the containers that were writing were stopped" if sandbox.session_id in self.stopped else "")
+            + ". Remove what you no longer need (docker rm, docker rmi, docker volume rm; docker system df "
+            "shows what takes the space) and try again"
+        )
+        # Told before anything is stopped: the workstation's own terminal goes with it.
+        if not was_full or stopping:
+            await self._publish(sandbox, "disk.full", share)
+        for container in writers:
+            if container.get("State") == "running":
                 # A container killed is one stopped by hand: its restart policy does not start it again.
                 answer = await self.engine.call("POST", f"/containers/{container['Id']}/kill")
-            elif state == "restarting":
+            else:
                 # Between two of its restarts: it starts no more.
                 answer = await self.engine.call(
                     "POST", f"/containers/{container['Id']}/update", payload={"RestartPolicy": {"Name": "no"}}
                 )
-            else:
-                continue
             if answer.status < 300:
-                self.stopped.add(sandbox.session_id)
                 log.info(
                     "session %s: stopped container %s, which wrote past the sandbox's disk budget",
                     sandbox.session_id,
                     str(container["Id"])[:12],
                 )
-        budget = sandbox.disk_budget
-        sandbox.disk_full = (
-            f"your sandbox keeps {megabytes(share.total)} MB on the disk, more than the {budget // MB} MB it "
-            f"may: {megabytes(share.layers)} MB in its containers and workstation, "
-            f"{megabytes(share.images)} MB in its images and {megabytes(share.volumes)} MB in its volumes"
-            + ("; the containers that were writing were stopped" if sandbox.session_id in self.stopped else "")
-            + ". Remove what you no longer need (docker rm, docker rmi, docker volume rm; docker system df "
-            "shows what takes the space) and try again"
+
+    async def _publish(self, sandbox: Sandbox, kind: str, share: DiskShare) -> None:
+        if self.events is None:
+            return
+        await self.events.publish(
+            sandbox.session_id,
+            kind,
+            used=share.total,
+            budget=sandbox.disk_budget,
+            message=sandbox.disk_full or "",
         )

@@ -14,6 +14,9 @@ Each event is one JSON object on the Redis pubsub channel `<namespace>:events:<s
     image.removed       ref (what the student named), untagged (list), deleted (list of ids)
     ports.changed       ports (list of {"port", "container", "container_port"}, by port: `localhost:<port>`
                         in the student's shell is `<container>:<container_port>`; empty when none is)
+    disk.full           used, budget (bytes), message (what the sandbox keeps, and what was stopped): the
+                        sandbox went over its disk budget, or a container writing past it is being stopped
+    disk.freed          used, budget, message (empty): the sandbox is within its disk budget again
 
 Container events come from the engine's own event stream, so a container removed by --rm or stopped by
 its process exiting is reported too; image events come from the gateway's handlers; ports.changed once the

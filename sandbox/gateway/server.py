@@ -113,7 +113,7 @@ class Gateway:
         self.ports = PortForwards(engine=self.engine, config=config, redis=self.redis, events=self.events)
         self.sessions: dict[int, SessionServer] = {}
         self.builds = asyncio.Semaphore(MAX_GATEWAY_BUILDS)
-        self.disk = DiskWatch(self.engine, namespace=config.namespace)
+        self.disk = DiskWatch(self.engine, namespace=config.namespace, events=self.events)
         self.engine_images = ImageList(self.engine)
         # Each student connection may hold one to the engine as well; what is left serves the sockets,
         # Redis and the forwarders' bookkeeping. Past this, a new connection is closed at once, so that no

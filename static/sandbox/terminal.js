@@ -35,6 +35,10 @@ class SandboxTerminal {
     this.screen = root.querySelector("[data-screen]");
     this.hint = root.querySelector("[data-hint]");
     this.deadlineNotice = new DeadlineNotice(root.querySelector("[data-deadline]"));
+    // The sandbox over its disk budget, as the gateway says (and says again once it is within it).
+    this.diskNotice = root.querySelector("[data-disk]");
+    root.addEventListener("layercake:disk-full", (event) => this.showDisk(String(event.detail.message || "")));
+    root.addEventListener("layercake:disk-freed", () => this.showDisk(""));
     this.state = root.dataset.state;
     this.ws = null;
     this.written = 0; // output bytes handed to xterm: the offset of the next byte
@@ -54,6 +58,12 @@ class SandboxTerminal {
     document.addEventListener("layercake:type", this.typeText);
     this.showState(this.state);
     this.connect();
+  }
+
+  showDisk(message) {
+    if (!this.diskNotice) return;
+    this.diskNotice.textContent = message.charAt(0).toUpperCase() + message.slice(1);
+    this.diskNotice.hidden = message === "";
   }
 
   createTerminal() {

@@ -174,6 +174,30 @@ def test_a_build_step_writing_past_the_disk_budget_fails_the_build_and_leaves_no
     assert answer.status == 201, answer.body
 
 
+def test_a_container_that_restarts_as_it_writes_restarts_no_more(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    # Each run adds 6 MB to the same writable layer, and fails, for its restart policy to start it again.
+    writer = alice.run(
+        curated_image,
+        ["sh", "-c", "dd if=/dev/zero of=/fill$RANDOM bs=1M count=6; sleep 0.5; exit 1"],
+        HostConfig={"RestartPolicy": {"Name": "on-failure", "MaximumRetryCount": 5}},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        detail = engine.inspect_container(writer)
+        if not detail["State"]["Running"] and not detail["State"]["Restarting"]:
+            break
+        time.sleep(0.2)
+    time.sleep(2 * CHECK_SECONDS)
+    detail = engine.inspect_container(writer)
+    assert not detail["State"]["Running"] and not detail["State"]["Restarting"], detail["State"]
+    # Stopped before its policy ran out.
+    assert detail["RestartCount"] < 5, detail["RestartCount"]
+    assert "were stopped" in _wait_refused(alice, curated_image)
+
+
 def test_the_steps_of_a_build_under_way_count_for_its_sandbox(
     student_factory: Any, curated_image: str, engine: docker.APIClient
 ) -> None:

@@ -10,7 +10,7 @@ import docker
 import pytest
 import redis
 from django.conf import settings
-from django.test import Client
+from django.test import Client, override_settings
 from websockets.asyncio.client import ClientConnection
 
 from lessons.models import Lesson
@@ -140,5 +140,32 @@ def test_the_terminal_passes_on_what_the_student_does_and_when_the_ports_change(
             assert all(event.get("name") != "theirs" for event in term.events), term.events
 
     asyncio.run(session())
+    client.post(f"/sandbox/{sandbox.pk}/stop/", HTTP_HX_REQUEST="true")
+    wait_until_ended(sandbox)
+
+
+@pytest.mark.usefixtures("engine_cleanup")
+def test_the_terminal_says_when_the_sandbox_goes_over_its_disk_budget_and_when_it_is_back_within(
+    live_asgi: str, gateway_process: GatewayProcess
+) -> None:
+    with override_settings(SANDBOX_STUDENT_DISK_MB=16):
+        client, sandbox = _workstation_sandbox("disk")
+
+        def of(term: Terminal, kind: str) -> list[dict[str, object]]:
+            return [event for event in term.events if event["type"] == kind]
+
+        async def session() -> None:
+            async with _at_the_prompt(live_asgi, sandbox, client) as (_, term):
+                fill = "sh -c 'dd if=/dev/zero of=/fill bs=1M count=24 2>/dev/null; sleep 600'"
+                await term.run(f"docker run -d --name filler busybox {fill}", b"\n")
+                await term.until(lambda t: bool(of(t, "disk.full")))
+                full = of(term, "disk.full")[0]
+                assert full["budget"] == 16 * 1024 * 1024 and int(str(full["used"])) > 16 * 1024 * 1024, full
+                assert "more than the 16 MB it may" in str(full["message"])
+                assert "the containers that were writing were stopped" in str(full["message"])
+                await term.run("docker rm -f filler", b"filler")
+                await term.until(lambda t: bool(of(t, "disk.freed")))
+
+        asyncio.run(session())
     client.post(f"/sandbox/{sandbox.pk}/stop/", HTTP_HX_REQUEST="true")
     wait_until_ended(sandbox)
