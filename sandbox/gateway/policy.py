@@ -56,7 +56,7 @@ from typing import Any
 
 import re2
 
-from .http import HttpError
+from .http import HttpError, bounded_json
 
 LABEL_SPACE = "layercake."
 FORCED_CAP_DROP = ["AUDIT_WRITE", "MKNOD", "NET_RAW", "SETFCAP"]
@@ -1232,7 +1232,7 @@ def _volume_count(args: str) -> int:
     """VOLUME's paths, as many as either of the engine's readings (a JSON array, or words) could make."""
     words = len(args.split())
     try:
-        decoded = json.loads(args) if args.startswith("[") else None
+        decoded = bounded_json(args) if args.startswith("[") else None
     except ValueError:
         decoded = None
     return max(words, len(decoded) if isinstance(decoded, list) else 0)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
-from .disk import DiskWatch
+from .disk import CHECK_SECONDS, DiskWatch
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
 from .http import (
@@ -305,7 +305,8 @@ class StudentGateway:
         # its builds' steps, which take its disk too.
         self.disk_full: str | None = None
         self.build_containers: set[str] = set()
-        self.build_images: set[str] = set()
+        # How many of the sandbox's builds under way each step image belongs to.
+        self.build_images: Counter[str] = Counter()
         self.engine_images = engine_images or ImageList(engine)
 
     # Routing.
@@ -517,7 +518,10 @@ class StudentGateway:
         student removed since the last look counts at once."""
         if self.disk_full is None:
             return
-        await self.disk.refresh(max_age=1.0)
+        try:
+            await self.disk.refresh(max_age=CHECK_SECONDS)
+        except HttpError:
+            log.warning("session %s: the engine's disk usage is not known", self.session_id, exc_info=True)
         if self.disk_full is not None:
             raise policy.Refused(self.disk_full)
 
@@ -1240,11 +1244,13 @@ class StudentGateway:
             if action == "kill" and error.status == 404:
                 raise HttpError(404, f"Cannot kill container: {ref}: {error.message}") from None
             raise
-        if action in ("start", "restart"):
+        if action in ("start", "restart", "unpause"):
             try:
                 await self._refuse_over_disk()
-            except HttpError:
-                await self._remove_if_auto(container["Id"])
+            except policy.Refused:
+                # `docker run --rm` waits for the container it made to be removed when its start fails.
+                if action == "start":
+                    await self._remove_if_auto(container["Id"])
                 raise
         keep = {"stop": ("t",), "restart": ("t",), "kill": ("signal",), "start": ("detachKeys",)}.get(action, ())
         query = [(k, v) for k, v in request.query if k in keep]
@@ -2026,13 +2032,14 @@ class StudentGateway:
                     stream,
                     rewrite=output.feed,
                     finish=output.flush,
-                    each=lambda: self._limit_steps(output, memory),
+                    each=lambda: self._limit_steps(output, memory, started),
                     drain=BUILD_DRAIN_SECONDS,
                 )
                 completed = True
             finally:
                 self.build_containers.difference_update(output.limited)
-                self.build_images.difference_update(output.step_images)
+                self.build_images.subtract(output.claimed)
+                self.build_images = +self.build_images
                 # An answer cut short (the student went, the engine's stream broke) built nothing to keep: the
                 # last image it named may be any stage's.
                 await self._remove_leftovers(
@@ -2140,13 +2147,16 @@ class StudentGateway:
         except HttpError:
             log.warning("session %s: could not remove what a build left", self.record.session_id, exc_info=True)
 
-    async def _limit_steps(self, output: "BuildOutput", memory: int) -> None:
+    async def _limit_steps(self, output: "BuildOutput", memory: int, started: float) -> None:
         """The builder cannot limit the processes of a step's container, which runs whatever the student wrote:
         each gets the limit of the student's containers as soon as the builder names it (before it starts it,
-        or a moment after). Only a container the builder made with this gateway's settings for builds is
-        changed, since a RUN step may print the same words as the builder."""
+        or a moment after). Only a container the builder made since the build began, with this gateway's
+        settings for builds, is changed (and counted as the sandbox's), since a RUN step may print the same
+        words as the builder."""
         # Each step's image takes the sandbox's disk until the build's image holds it (or it is removed).
-        self.build_images.update(output.step_images)
+        named = set(output.step_images) - output.claimed
+        output.claimed |= named
+        self.build_images.update(named)
         while output.step_containers:
             ref = output.step_containers.pop(0)
             response = await self.engine.call("GET", f"/containers/{ref}/json")
@@ -2160,6 +2170,7 @@ class StudentGateway:
                 and host.get("CpuPeriod") == 100000
                 and host.get("CpuQuota") == self.limits.nano_cpus // 10_000
                 and str(detail.get("Id", "")).startswith(ref)
+                and made_since(detail, started)
             ):
                 continue
             # The step's files take the sandbox's disk, which the disk watch measures.
@@ -2332,6 +2343,8 @@ class BuildOutput(LineRewriter):
         self.step_containers: list[str] = []
         # The IDs of the step containers the gateway limited, in full: the build's own.
         self.limited: list[str] = []
+        # The step images the build's sandbox counts as its own while the build runs.
+        self.claimed: set[str] = set()
         self.last_container = ""
         # The images the builder says its steps made (the first is the image a stage starts from).
         self.step_images: list[str] = []

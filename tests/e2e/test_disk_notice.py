@@ -31,7 +31,7 @@ def test_the_page_says_when_the_sandbox_is_over_its_disk_budget(
     expect(notice).to_be_visible(timeout=15000)
     expect(notice).to_contain_text("Your sandbox keeps")
     expect(notice).to_contain_text("more than the 16 MB it may")
-    expect(notice).to_contain_text("the containers that were writing were stopped")
+    expect(notice).to_contain_text("what was writing was stopped")
     run(page, "docker run --rm busybox true", r"^docker: Error response from daemon: your sandbox keeps")
 
     run(page, "docker rm filler", r"^filler$")

@@ -161,7 +161,7 @@ SERVE_STATIC = env_bool("LAYERCAKE_SERVE_STATIC", True)
 # What one student's own containers may use inside a workstation session, through the gateway.
 SANDBOX_STUDENT_MAX_CONTAINERS = env_int("LAYERCAKE_SANDBOX_STUDENT_MAX_CONTAINERS", 8)
 SANDBOX_STUDENT_MEMORY_MB = env_int("LAYERCAKE_SANDBOX_STUDENT_MEMORY_MB", 512)
-# What a student's containers, images and volumes may keep on the engine's disk, in all.
+# What a student's workstation, containers, build steps, own images and volumes may keep on the engine's disk.
 SANDBOX_STUDENT_DISK_MB = env_int("LAYERCAKE_SANDBOX_STUDENT_DISK_MB", 1024)
 GATEWAY_DIR = Path(env_str("LAYERCAKE_GATEWAY_DIR", str(DATA_DIR / "gateway")))
 # The gateway: who may connect to a session's socket (the workstation's student), request size caps, and the

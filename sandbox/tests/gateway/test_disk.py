@@ -2,7 +2,10 @@
 its own images' layers) is measured, and a student who writes past it is stopped and can make nothing more
 until they remove some, while every other student goes on."""
 
+import io
 import json
+import secrets
+import tarfile
 import threading
 import time
 from typing import Any
@@ -11,9 +14,11 @@ import docker
 import pytest
 from django.test import override_settings
 
+from sandbox.gateway.client import gateway_session_open
 from sandbox.gateway.disk import CHECK_SECONDS, image_shares
+from tests.gateway_process import GatewayProcess
 
-from .conftest import StudentSession, owned_objects
+from .conftest import StudentSession, _wait_for_socket, owned_objects
 
 pytestmark = [pytest.mark.gateway, pytest.mark.engine, pytest.mark.redis]
 
@@ -91,7 +96,7 @@ def test_a_container_writing_past_the_disk_budget_is_stopped_and_nothing_more_is
 
     message = _wait_refused(alice, curated_image)
     assert "more than the 16 MB it may" in message and "MB in its containers" in message, message
-    assert "the containers that were writing were stopped" in message and "docker rm" in message, message
+    assert "what was writing was stopped" in message and "docker rm" in message, message
     for refused in (
         alice.call("POST", f"/v1.41/containers/{writer}/start"),
         alice.call("POST", f"/v1.41/commit?container={quiet}&repo=snapshot"),
@@ -181,10 +186,10 @@ def test_a_container_that_restarts_as_it_writes_restarts_no_more(
     # Each run adds 6 MB to the same writable layer, and fails, for its restart policy to start it again.
     writer = alice.run(
         curated_image,
-        ["sh", "-c", "dd if=/dev/zero of=/fill$RANDOM bs=1M count=6; sleep 0.5; exit 1"],
+        ["sh", "-c", "dd if=/dev/zero of=/fill$RANDOM bs=1M count=6; sleep 2; exit 1"],
         HostConfig={"RestartPolicy": {"Name": "on-failure", "MaximumRetryCount": 5}},
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         detail = engine.inspect_container(writer)
         if not detail["State"]["Running"] and not detail["State"]["Restarting"]:
@@ -195,23 +200,38 @@ def test_a_container_that_restarts_as_it_writes_restarts_no_more(
     assert not detail["State"]["Running"] and not detail["State"]["Restarting"], detail["State"]
     # Stopped before its policy ran out.
     assert detail["RestartCount"] < 5, detail["RestartCount"]
-    assert "were stopped" in _wait_refused(alice, curated_image)
+    assert "was stopped" in _wait_refused(alice, curated_image)
 
 
 def test_the_steps_of_a_build_under_way_count_for_its_sandbox(
     student_factory: Any, curated_image: str, engine: docker.APIClient
 ) -> None:
     alice = student_factory(disk_budget_mb=16)
-    dockerfile = f"FROM {curated_image}\n" + "RUN dd if=/dev/zero of=/fill$RANDOM bs=1M count=12\n" * 2
+    # Steps that copy what the context holds: no step's container ever runs holding more than the budget.
+    dockerfile = f"FROM {curated_image}\nCOPY a /a\nCOPY b /b\nRUN sleep 20\n"
+    files = {"Dockerfile": dockerfile.encode(), **{name: secrets.token_bytes(10 * MB) for name in "ab"}}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    context = buffer.getvalue()
+
+    def build() -> None:
+        answers.append(
+            alice.call("POST", "/v1.41/build?t=big", body=context, headers={"Content-Type": "application/x-tar"})
+        )
+
     answers: list[Any] = []
-    build = threading.Thread(target=lambda: answers.append(alice.build(dockerfile + "RUN sleep 10\n", tag="big")))
-    build.start()
+    builder = threading.Thread(target=build)
+    builder.start()
     try:
-        # No step's container holds more than 12 MB, and the build has named no image yet: its steps' images do.
-        message = _wait_refused(alice, curated_image, timeout=10)
-        assert "MB in its images" in message and "0.0 MB in its volumes" in message, message
+        # The build has named no image yet: its steps' images hold the 20 MB.
+        message = _wait_refused(alice, curated_image, timeout=18)
+        assert "MB in its images" in message and "0.0 MB in its containers" in message, message
     finally:
-        build.join(60)
+        builder.join(60)
     assert answers and b'"error"' not in answers[0].body, answers
     assert "MB in its images" in _wait_refused(alice, curated_image)
     assert alice.call("DELETE", "/v1.41/images/big").status == 200
@@ -239,8 +259,9 @@ def test_a_workstation_filling_the_disk_is_stopped(sandbox_factory: Any, engine:
     with override_settings(SANDBOX_STUDENT_DISK_MB=16):
         sandbox = sandbox_factory()
     container = sandbox.workstation.container_id
-    fill = engine.exec_create(container, ["sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=40"], user="1000")
-    engine.exec_start(fill["Id"])
+    # Past the budget soon, and on writing: a workstation that stops writing is left to its student.
+    fill = "i=0; while true; do i=$((i+1)); dd if=/dev/zero of=/tmp/f$i bs=1M count=8 2>&-; sleep 0.5; done"
+    engine.exec_start(engine.exec_create(container, ["sh", "-c", fill], user="1000")["Id"], detach=True)
     # The workstation is stopped, and with it the sandbox (the engine removes it).
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -273,3 +294,29 @@ def test_own_images_count_against_the_budget_and_a_layer_they_share_counts_once(
     time.sleep(2 * CHECK_SECONDS + 1)
     answer = _create(alice, curated_image, ["true"])
     assert answer.status == 201, answer.body
+
+
+def test_a_restarted_gateway_stops_nothing_it_did_not_see_grow(
+    student_factory: Any, curated_image: str, engine: docker.APIClient, gateway_process: GatewayProcess
+) -> None:
+    alice = student_factory(disk_budget_mb=40)
+    # 24 MB, written and done with; the sandbox is within its budget.
+    quiet = alice.run(curated_image, ["sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=24 && sleep 600"])
+    time.sleep(2 * CHECK_SECONDS)
+    assert _create(alice, curated_image, ["true"]).status == 201
+    gateway_process.kill()
+    # The budget falls while the gateway is down: the sandbox is over it as the gateway comes back.
+    gateway_session_open(
+        session_id=alice.session_id,
+        owner_key=f"owner-{alice.session_id}",
+        expires_at=int(time.time()) + 3600,
+        memory_budget_mb=512,
+        max_containers=8,
+        disk_budget_mb=16,
+    )
+    gateway_process.start()
+    _wait_for_socket(alice.socket)
+    message = _wait_refused(alice, curated_image)
+    assert "more than the 16 MB it may" in message and "was stopped" not in message, message
+    time.sleep(2 * CHECK_SECONDS)
+    assert engine.inspect_container(quiet)["State"]["Running"]

@@ -4,6 +4,7 @@ import contextlib
 import json
 import socket
 import stat
+from urllib.parse import quote
 
 import pytest
 
@@ -111,6 +112,11 @@ def test_json_nested_past_any_docker_body_is_refused_and_the_connection_goes_on(
     refused = student.call("GET", f"/containers/json?filters={deep_filter}")
     assert refused.status == 400 and "invalid filters: nested more than 64 levels deep" in refused.message
     assert len(student.call("GET", "/containers/json?all=1").json()) == 2
+    # A commit's VOLUME change, read as JSON or as words as the engine reads it.
+    container = student.call("GET", "/containers/json?all=1").json()[0]["Id"]
+    change = quote("VOLUME " + "[" * 10_000)
+    committed = student.call("POST", f"/commit?container={container}&changes={change}")
+    assert committed.status < 500 and committed.headers["content-type"] == "application/json", committed.body[:200]
 
 
 def test_a_flag_is_read_as_the_engine_reads_it() -> None:

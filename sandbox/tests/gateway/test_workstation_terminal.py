@@ -162,7 +162,7 @@ def test_the_terminal_says_when_the_sandbox_goes_over_its_disk_budget_and_when_i
                 full = of(term, "disk.full")[0]
                 assert full["budget"] == 16 * 1024 * 1024 and int(str(full["used"])) > 16 * 1024 * 1024, full
                 assert "more than the 16 MB it may" in str(full["message"])
-                assert "the containers that were writing were stopped" in str(full["message"])
+                assert "what was writing was stopped" in str(full["message"])
                 await term.run("docker rm -f filler", b"filler")
                 await term.until(lambda t: bool(of(t, "disk.freed")))
 
