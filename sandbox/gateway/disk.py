@@ -6,12 +6,12 @@ instead, every CHECK_SECONDS while it serves a session: one `docker system df` o
 every container's and volume's files and refuses a second while one runs (so the gateway alone asks, and a
 student's own docker system df reads what it last found), and the engine's list of images.
 
-A sandbox's share is its containers' writable layers (its builds' step containers too), its volumes, and the
-layers of its own images that no image of anyone else holds (a curated image's layers are everyone's), each
-layer counted once. Over its budget, the sandbox's running containers that grew since the last look (or that
-mount a volume of its own that grew) are killed, and nothing that takes more of the disk is made (a container
-created or started, a build, a commit, a volume) until the student has removed enough: each such command
-looks again first, so the one after `docker rm` goes through.
+A sandbox's share is the writable layers of its containers, its workstation and its builds' step containers;
+its volumes (the anonymous ones its containers mount too); and the layers that only its own images hold (its
+builds' step images while they run), each counted once: a curated image's layers are everyone's. Over its
+budget, what of it is writing is killed (see `DiskWatch`), and nothing that takes more of the disk is made (a
+container created, started or unpaused, a build, a commit, a volume) until the student has removed enough:
+after a removal, such a command looks again first, so the one after `docker rm` goes through.
 """
 
 import asyncio
