@@ -35,7 +35,7 @@ class SandboxTerminal {
     this.screen = root.querySelector("[data-screen]");
     this.hint = root.querySelector("[data-hint]");
     this.deadlineNotice = new DeadlineNotice(root.querySelector("[data-deadline]"));
-    // The sandbox over its disk budget, as the gateway says (and says again once it is within it).
+    // The sandbox over its disk budget, as the gateway says (and says once it is within it again).
     this.diskNotice = root.querySelector("[data-disk]");
     root.addEventListener("layercake:disk-full", (event) => this.showDisk(String(event.detail.message || "")));
     root.addEventListener("layercake:disk-freed", () => this.showDisk(""));
@@ -61,9 +61,11 @@ class SandboxTerminal {
   }
 
   showDisk(message) {
-    if (!this.diskNotice) return;
-    this.diskNotice.textContent = message.charAt(0).toUpperCase() + message.slice(1);
-    this.diskNotice.hidden = message === "";
+    const text = message.charAt(0).toUpperCase() + message.slice(1);
+    // Said again at each of the gateway's looks: an alert changed to the same words would be read out again.
+    if (!this.diskNotice || this.diskNotice.textContent === text) return;
+    this.diskNotice.textContent = text;
+    this.diskNotice.hidden = text === "";
   }
 
   createTerminal() {
