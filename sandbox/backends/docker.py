@@ -90,6 +90,39 @@ def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
     }
 
 
+def _files_in_memory(image: dict[str, Any], *, runs_as_root: bool, files_mb: int) -> dict[str, str]:
+    """The places a shell writes, each in memory with its size, past which a write fails as on a full disk:
+    the home of the image's user, /tmp and /var/tmp."""
+    scratch = f"rw,exec,nosuid,nodev,size={max(files_mb // 4, 1)}m,mode=1777"
+    mounts = {"/tmp": scratch, "/var/tmp": scratch}
+    home = _home(image, runs_as_root=runs_as_root)
+    if home:
+        owner = _home_options(image, runs_as_root=runs_as_root)
+        mounts[home] = f"rw,exec,nosuid,nodev,size={files_mb}m,{owner}"
+    return mounts
+
+
+def _home(image: dict[str, Any], *, runs_as_root: bool) -> str | None:
+    """The home of the image's user, where a shell's files go: the home its working directory is in."""
+    parts = str(image.get("WorkingDir") or "").strip("/").split("/")
+    if parts[0] == "home" and len(parts) > 1:
+        return f"/home/{parts[1]}"
+    if parts[0] == "root":
+        return "/root"
+    return "/root" if runs_as_root else None
+
+
+def _home_options(image: dict[str, Any], *, runs_as_root: bool) -> str:
+    """Who owns the home in memory: the image's user when it names itself by number (as a curated image does),
+    anyone otherwise, as in /tmp."""
+    user, _, group = str(image.get("User") or "").partition(":")
+    if runs_as_root:
+        return "mode=0700"
+    if user.isdigit() and (group or user).isdigit():
+        return f"mode=0700,uid={user},gid={group or user}"
+    return "mode=1777"
+
+
 def _gone(exc: docker.errors.APIError) -> bool:
     return exc.status_code in (404, 409)
 
@@ -196,6 +229,9 @@ class DockerBackend(SandboxBackend):
             binds.append(f"{directory}:{GATEWAY_MOUNT}:ro")
         # The image's own user runs the shell; a root shell keeps the few capabilities it needs.
         runs_as_root = (image.get("User") or "root").split(":")[0] in ("", "0", "root")
+        # Its files come out of its memory, and with /tmp, /var/tmp and /dev/shm take 1.75 times the home's room:
+        # at most a quarter of its memory for the home, so that full, they leave the shell room to run.
+        files_mb = max(min(settings.SANDBOX_FILES_MB, spec.memory_mb // 4), 1)
         host_config = api.create_host_config(
             mem_limit=f"{spec.memory_mb}m",
             memswap_limit=f"{spec.memory_mb}m",
@@ -210,7 +246,11 @@ class DockerBackend(SandboxBackend):
             binds=binds or None,
             log_config=LOG_CONFIG,
             dns_opt=DNS_OPTIONS,
-            read_only=False,
+            # Nothing the student writes in their shell reaches the engine's disk, where the storage driver sets
+            # no quota: the root file system is read-only, and what a shell writes is held in its memory.
+            read_only=True,
+            tmpfs=_files_in_memory(image, runs_as_root=runs_as_root, files_mb=files_mb),
+            shm_size=f"{max(files_mb // 4, 1)}m",
         )
         created = api.create_container(
             image=spec.image,

@@ -136,6 +136,9 @@ SANDBOX_PER_OWNER = env_int("LAYERCAKE_SANDBOX_PER_OWNER", 2)
 # A workshop room behind one address needs as many as it has students: raise it for the workshop.
 SANDBOX_PER_NETWORK = env_int("LAYERCAKE_SANDBOX_PER_NETWORK", 12)
 SANDBOX_MEMORY_MB = env_int("LAYERCAKE_SANDBOX_MEMORY_MB", 256)
+# The sandbox's own files (its user's home; /tmp and /var/tmp take a quarter of it each) are held in its
+# memory, out of that above: its root file system is read-only, and it writes nothing to the engine's disk.
+SANDBOX_FILES_MB = env_int("LAYERCAKE_SANDBOX_FILES_MB", 64)
 SANDBOX_CPU_MILLI = env_int("LAYERCAKE_SANDBOX_CPU_MILLI", 500)
 SANDBOX_PIDS_LIMIT = env_int("LAYERCAKE_SANDBOX_PIDS_LIMIT", 256)
 SANDBOX_START_TIMEOUT = env_int("LAYERCAKE_SANDBOX_START_TIMEOUT", 60)
@@ -161,7 +164,7 @@ SERVE_STATIC = env_bool("LAYERCAKE_SERVE_STATIC", True)
 # What one student's own containers may use inside a workstation session, through the gateway.
 SANDBOX_STUDENT_MAX_CONTAINERS = env_int("LAYERCAKE_SANDBOX_STUDENT_MAX_CONTAINERS", 8)
 SANDBOX_STUDENT_MEMORY_MB = env_int("LAYERCAKE_SANDBOX_STUDENT_MEMORY_MB", 512)
-# What a student's workstation, containers, build steps, own images and volumes may keep on the engine's disk.
+# What a student's containers, build steps, own images and volumes may keep on the engine's disk.
 SANDBOX_STUDENT_DISK_MB = env_int("LAYERCAKE_SANDBOX_STUDENT_DISK_MB", 1024)
 GATEWAY_DIR = Path(env_str("LAYERCAKE_GATEWAY_DIR", str(DATA_DIR / "gateway")))
 # The gateway: who may connect to a session's socket (the workstation's student), request size caps, and the

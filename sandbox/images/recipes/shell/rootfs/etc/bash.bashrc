@@ -1,4 +1,5 @@
-# ~/.bashrc of the Layercake lesson shell.
+# /etc/bash.bashrc of the Layercake lesson shell: every interactive bash reads it (a login shell through
+# /etc/profile). The home holds no rc file of its own: in a sandbox it is an empty directory in memory.
 
 case $- in
     *i*) ;;
