@@ -2026,12 +2026,19 @@ class StudentGateway:
             # Read on for a while should the student go (docker build interrupted), so that what the build leaves
             # when it fails, or is stopped then, is known and removed.
             completed = False
+
+            def finish() -> bytes:
+                # The engine has named the image: the student's next command, which may come as soon as the answer
+                # ends, looks it up afresh.
+                self.engine_images.forget()
+                return output.flush()
+
             try:
                 await self._stream_engine(
                     side,
                     stream,
                     rewrite=output.feed,
-                    finish=output.flush,
+                    finish=finish,
                     each=lambda: self._limit_steps(output, memory, started),
                     drain=BUILD_DRAIN_SECONDS,
                 )
