@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
-from .disk import CHECK_SECONDS, DiskWatch
+from .disk import CHECK_SECONDS, DiskWatch, curated_images
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
 from .http import (
@@ -2012,7 +2012,11 @@ class StudentGateway:
             for key in ("target", "buildargs"):
                 if request.arg(key):
                     query.append((key, request.arg(key)))
-            query += self._build_cache(views, request)
+            cache = self._build_cache(views, request)
+            query += cache
+            sources = json.loads(dict(cache).get("cachefrom", "[]"))
+            # What each cache source stands on, which the engine may change (see `_remove_unparented`).
+            parents = {view.id: str(view.entry.get("ParentId") or "") for view in views if view.id in sources}
             started = time.time()
             stream = await self.engine.open(
                 "POST", "/build", query=query, body=body, headers=[("Content-Type", "application/x-tar")]
@@ -2052,6 +2056,7 @@ class StudentGateway:
                 await self._remove_leftovers(
                     output, bases, started=started, succeeded=completed and not output.failed
                 )
+                await self._remove_unparented(parents)
             if output.image_id and not output.failed:
                 await self.events.publish(self.record.session_id, "image.built", id=output.image_id, tags=targets)
         finally:
@@ -2153,6 +2158,42 @@ class StudentGateway:
                     )
         except HttpError:
             log.warning("session %s: could not remove what a build left", self.record.session_id, exc_info=True)
+
+    async def _remove_unparented(self, parents: dict[str, str]) -> None:
+        """A build whose steps read as a cache source's history has the engine make the build's image that
+        source's parent (see `_build_cache`): the steps the source stood on before are left under no image,
+        untagged, holding their layers, and no one's to see or remove. They go, from the one the source stood on
+        down to the first that is tagged, curated, labelled as a student's image, or that another image or a
+        container still uses (which the engine, asked to remove it alone, refuses)."""
+        for source, before in parents.items():
+            if not before:
+                continue
+            try:
+                detail = await self.engine.call("GET", f"/images/{source}/json")
+                if detail.status != 200 or str(detail.json().get("Parent") or "") == before:
+                    continue
+                entries = {
+                    str(e["Id"]): e for e in await self.engine.json("GET", "/images/json", query={"all": "1"})
+                }
+                curated = curated_images(entries.values())
+                children = Counter(str(e.get("ParentId") or "") for e in entries.values())
+                node = before
+                while node in entries and node not in curated and not children[node]:
+                    entry = entries[node]
+                    tags = [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
+                    if tags or SESSION in (entry.get("Labels") or {}):
+                        break
+                    removed = await self.engine.call("DELETE", f"/images/{node}", query={"noprune": "1"})
+                    if removed.status >= 300:
+                        break
+                    node = str(entry.get("ParentId") or "")
+                    children[node] -= 1
+            except HttpError:
+                log.warning(
+                    "session %s: could not remove the steps a build left under no image",
+                    self.record.session_id,
+                    exc_info=True,
+                )
 
     async def _limit_steps(self, output: "BuildOutput", memory: int, started: float) -> None:
         """The builder cannot limit the processes of a step's container, which runs whatever the student wrote:

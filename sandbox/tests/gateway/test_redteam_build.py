@@ -185,10 +185,13 @@ def _image_id(student: StudentSession, name: str = "probe") -> str:
     return str(student.call("GET", f"/v1.41/images/{name}/json").json()["Id"])
 
 
-def test_a_build_reuses_no_step_another_student_ran(student_factory: Any, curated_image: str) -> None:
+def test_a_build_reuses_no_step_another_student_ran(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
     """The builder's cache is the engine's: the same step on the same image, built by another student, was
     reused, telling this one it had been run and handing them what it made. Each student's builds reuse their
     own steps, and only those."""
+    started = time.time() - 1
     alice: StudentSession = student_factory()
     bob: StudentSession = student_factory()
     dockerfile = f"FROM {curated_image}\n{KEY_STEP}\n"
@@ -219,6 +222,14 @@ def test_a_build_reuses_no_step_another_student_ran(student_factory: Any, curate
     back = _build(alice, context)
     assert back.status == 200 and b"Using cache" in back.body and key not in back.body, back.body
     assert _image_id(alice) == built
+    # Reusing her steps, the engine stood her image on copies of them (Bob's same step came first): what it
+    # stood on went, and nothing is left that no one can name, nor see as theirs.
+    left = [
+        image
+        for image in engine.images(filters={"dangling": True})
+        if image["Created"] >= started and "layercake.session" not in (image.get("Labels") or {})
+    ]
+    assert not left, left
 
     answer = _build(alice, context, "t=probe&cachefrom=" + quote('{"not": "a list"}'))
     assert answer.status == 400 and "cachefrom" in answer.message, answer.body
