@@ -137,6 +137,7 @@ class Gateway:
             asyncio.create_task(self.engine_images.follow()),
             asyncio.create_task(self._sync_ports_forever()),
             asyncio.create_task(self.disk.watch_forever()),
+            asyncio.create_task(self.disk.follow()),
         ]
         try:
             await stop.wait()

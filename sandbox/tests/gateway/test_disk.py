@@ -135,6 +135,22 @@ def test_a_volume_past_the_disk_budget_holds_the_sandbox_until_the_volume_goes(
     assert _create(alice, curated_image, ["true"]).status == 201
 
 
+def test_what_a_container_gone_at_once_wrote_to_a_volume_counts(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    assert alice.call("POST", "/v1.41/volumes/create", {"Name": "data"}).status == 201
+    time.sleep(2 * CHECK_SECONDS)
+    # docker run --rm: it writes, stops and is removed between two looks, and no look finds it.
+    alice.run(
+        curated_image,
+        ["dd", "if=/dev/zero", "of=/data/fill", "bs=1M", "count=24"],
+        HostConfig={"Binds": ["data:/data"], "AutoRemove": True},
+    )
+    message = _wait_refused(alice, curated_image, timeout=30)
+    assert "MB in its volumes" in message and "0.0 MB in its containers" in message, message
+
+
 @pytest.mark.parametrize(
     "mount",
     [
@@ -255,24 +271,56 @@ def test_rmi_no_prune_leaves_no_steps_that_no_one_could_name(
     assert not set(steps) & left
 
 
-def test_a_workstation_filling_the_disk_is_stopped(sandbox_factory: Any, engine: docker.APIClient) -> None:
-    with override_settings(SANDBOX_STUDENT_DISK_MB=16):
+def test_the_workstation_writes_nothing_to_the_engines_disk(
+    sandbox_factory: Any, engine: docker.APIClient
+) -> None:
+    with override_settings(SANDBOX_FILES_MB=16):
         sandbox = sandbox_factory()
     container = sandbox.workstation.container_id
-    # Past the budget soon, and on writing: a workstation that stops writing is left to its student.
-    fill = "i=0; while true; do i=$((i+1)); dd if=/dev/zero of=/tmp/f$i bs=1M count=8 2>&-; sleep 0.5; done"
-    engine.exec_start(engine.exec_create(container, ["sh", "-c", fill], user="1000")["Id"], detach=True)
-    # The workstation is stopped, and with it the sandbox (the engine removes it).
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if not engine.inspect_container(sandbox.workstation.container_id)["State"]["Running"]:
-                break
-        except docker.errors.NotFound:
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError("the workstation went on after filling the disk budget")
+
+    def shell(command: str) -> tuple[int, str]:
+        exec_id = engine.exec_create(container, ["bash", "-c", command], user="1000")["Id"]
+        output = engine.exec_start(exec_id).decode()
+        return int(engine.exec_inspect(exec_id)["ExitCode"]), output
+
+    # Its home and /tmp take what fits in their room, and a write past it fails as on a full disk.
+    for place in ("$HOME", "/tmp", "/var/tmp"):
+        code, output = shell(f"dd if=/dev/zero of={place}/fill bs=1M count=40")
+        assert code != 0 and "No space left on device" in output, (place, output)
+    # Nowhere else can they write: the root file system is read-only (writable, it would give them /run/lock
+    # too). Only the places in memory are listed, as the roots of their own file systems.
+    code, output = shell("find / -xdev -writable 2>/dev/null; touch /run/lock/x")
+    assert code != 0, output
+    assert sorted(output.splitlines()) == [
+        "/home/student",
+        "/tmp",
+        "/var/tmp",
+        "touch: cannot touch '/run/lock/x': Read-only file system",
+    ], output
+    size = engine.containers(all=True, size=True, filters={"id": container})[0].get("SizeRw", 0)
+    assert size < MB, size
+    # The room comes back as the student removes what they made, and the shell goes on.
+    code, output = shell("rm ~/fill && echo 'FROM busybox' > ~/Dockerfile && cat ~/Dockerfile")
+    assert code == 0 and "FROM busybox" in output, output
+    # The shell's own settings are the image's, not files of the (empty) home.
+    code, output = shell("bash -lic 'echo \"$PS1\"; type exit' 2>&1")
+    assert code == 0 and "@workstation" in output and "exit is a function" in output, output
+    assert engine.inspect_container(container)["State"]["Running"]
+
+
+def test_a_container_that_writes_and_stops_between_two_looks_counts(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=16)
+    # Its first run writes nothing and is measured; each later one writes 24 MB and stops at once.
+    command = "test -e /ran && dd if=/dev/zero of=/fill$RANDOM bs=1M count=24; touch /ran"
+    writer = alice.run(curated_image, ["sh", "-c", command])
+    assert _wait_stopped(engine, writer)["ExitCode"] == 0
+    time.sleep(2 * CHECK_SECONDS)
+    assert _create(alice, curated_image, ["true"]).status == 201
+    assert alice.call("POST", f"/v1.41/containers/{writer}/start").status == 204
+    _wait_stopped(engine, writer)
+    assert "MB in its containers" in _wait_refused(alice, curated_image)
 
 
 def test_own_images_count_against_the_budget_and_a_layer_they_share_counts_once(
