@@ -39,6 +39,8 @@ VOLUME_SECONDS = 10.0
 # the engine's time.
 PACE = 3
 MB = 1024 * 1024
+# A stopped container, sized once, is sized again at least this often.
+SETTLED_SECONDS = 60.0
 # The states in which a container may write.
 WRITING = ("running", "restarting", "paused")
 # A look has the engine walk the files of what may have changed: however many students ask, at most a few looks
@@ -231,8 +233,9 @@ class DiskWatch:
         self.generation = 0
         # The writable layers of containers that have not run since they were sized, by ID: while the events
         # are followed, they cannot have changed. Started or restarted during a look, a container is not
-        # settled by what the look found.
-        self.settled: dict[str, int] = {}
+        # settled by what the look found. Each is sized again within SETTLED_SECONDS all the same: the engine
+        # drops events for a subscriber it finds slow, without a word.
+        self.settled: dict[str, tuple[int, float]] = {}
         self.started: set[str] = set()
         # When each volume was last known to be mounted (by the events, or by a look that found a container
         # that mounts it running or newly stopped): one not mounted since the last docker system df began
@@ -336,6 +339,8 @@ class DiskWatch:
         self.started.clear()
         self.volumes_took_in_look = 0.0
         following, generation = self.following, self.generation
+        # As settled when the look began: a start heard meanwhile unsettles a container for the next look.
+        settled, began = dict(self.settled), time.monotonic()
         namespace = f"{NAMESPACE}={self.namespace}"
         listed, images, labelled = await asyncio.gather(
             self.engine.json(
@@ -351,7 +356,10 @@ class DiskWatch:
         unsized = [
             str(c["Id"])
             for c in listed
-            if c.get("State") in WRITING or not following or str(c["Id"]) not in self.settled
+            if c.get("State") in WRITING
+            or not following
+            or str(c["Id"]) not in settled
+            or settled[str(c["Id"])][1] < began - SETTLED_SECONDS
         ]
         sized: dict[str, dict[str, Any]] = {}
         if unsized or steps:
@@ -364,11 +372,12 @@ class DiskWatch:
         if following and generation == self.generation:
             for container_id, container in sized.items():
                 if container.get("State") not in WRITING and container_id not in self.started:
-                    self.settled[container_id] = int(container.get("SizeRw") or 0)
+                    self.settled[container_id] = (int(container.get("SizeRw") or 0), began)
         present = {str(c["Id"]) for c in listed}
-        self.settled = {key: size for key, size in self.settled.items() if key in present}
+        self.settled = {key: value for key, value in self.settled.items() if key in present}
+        # One gone between the two answers holds nothing.
         containers = [
-            sized.get(str(c["Id"])) or {**c, "SizeRw": self.settled.get(str(c["Id"]), 0)} for c in listed
+            sized.get(str(c["Id"])) or {**c, "SizeRw": settled.get(str(c["Id"]), (0, began))[0]} for c in listed
         ] + [sized[step] for step in steps if step in sized]
         return Look(
             containers=containers,
