@@ -244,6 +244,8 @@ class DiskWatch:
         self.volumes_known_at = -math.inf
         # Sizes at the last look, by container ID and by volume name: what grew since is what is writing.
         self.last_sizes: dict[str, int] = {}
+        # What each sandbox kept at the last look.
+        self.shares: dict[int, DiskShare] = {}
         # When each sandbox was last looked at (or joined the watch), by the engine's clock: a container made
         # since counts all it holds as grown; one made before, and not seen, as it was. A volume's size may
         # not be known at every look: one made since the sandbox joined counts all it holds as grown until its
@@ -265,6 +267,7 @@ class DiskWatch:
         self.sandboxes.pop(session_id, None)
         self.since.pop(session_id, None)
         self.joined.pop(session_id, None)
+        self.shares.pop(session_id, None)
         self.looked.discard(session_id)
         self.stopped.discard(session_id)
 
@@ -479,6 +482,7 @@ class DiskWatch:
                 },
                 **self.last_sizes,
             }
+            self.shares[sandbox.session_id] = share
             try:
                 await self._judge(sandbox, share, own, own_volumes, written, before)
             finally:

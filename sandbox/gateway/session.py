@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .config import API_VERSION, MIN_API_VERSION, GatewayConfig
-from .disk import CHECK_SECONDS, DiskWatch, curated_images
+from .disk import CHECK_SECONDS, DiskShare, DiskWatch, curated_images, megabytes
 from .engine import Engine, EngineError, q
 from .events import EventPublisher
 from .http import (
@@ -524,6 +524,31 @@ class StudentGateway:
             log.warning("session %s: the engine's disk usage is not known", self.session_id, exc_info=True)
         if self.disk_full is not None:
             raise policy.Refused(self.disk_full)
+
+    async def _refuse_commit_over_disk(self, container_id: str) -> None:
+        """A commit writes the container's files out again, as the image's layer (a sparse file at its whole
+        length), in one request that no look can stop: the sandbox, with that layer once more, must be within
+        its budget."""
+        try:
+            await self.disk.refresh(max_age=CHECK_SECONDS)
+            sized = await self.engine.json(
+                "GET",
+                "/containers/json",
+                query={"all": "1", "size": "1", "filters": json.dumps({"id": [container_id]})},
+            )
+        except HttpError:
+            log.warning("session %s: the engine's disk usage is not known", self.session_id, exc_info=True)
+            return
+        layer = max(int(((sized or [{}])[0]).get("SizeRw") or 0), 0)
+        kept = self.disk.shares.get(self.session_id, DiskShare()).total - self.disk.last_sizes.get(container_id, 0)
+        after = kept + 2 * layer
+        if after > self.disk_budget:
+            raise policy.Refused(
+                f"docker commit would write the container's {megabytes(layer)} MB of files again, as the image's: "
+                f"your sandbox would keep {megabytes(after)} MB on the disk, more than the "
+                f"{self.disk_budget // MB} MB it may. Remove what you no longer need (docker rm, docker rmi, "
+                "docker volume rm; docker system df lists them) and try again"
+            )
 
     def _labels(self, role: str) -> dict[str, str]:
         record = self.record
@@ -1863,6 +1888,7 @@ class StudentGateway:
     async def commit(self, side: ServerSide, request: Request) -> None:
         container = await self.resolve_container(request.arg("container"))
         await self._refuse_over_disk()
+        await self._refuse_commit_over_disk(str(container["Id"]))
         if not policy.is_zero(request.json()):
             raise policy.not_available("a configuration body for docker commit (use --change)")
         changes = policy.commit_changes(request.args("changes"))

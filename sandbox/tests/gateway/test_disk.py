@@ -327,21 +327,41 @@ def test_own_images_count_against_the_budget_and_a_layer_they_share_counts_once(
     student_factory: Any, curated_image: str, engine: docker.APIClient
 ) -> None:
     alice = student_factory(disk_budget_mb=40)
-    writer = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=24"])
+    writer = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=16"])
     assert _wait_stopped(engine, writer)["ExitCode"] == 0
     committed = alice.call("POST", f"/v1.41/commit?container={writer}&repo=filled")
     assert committed.status == 201, committed.body
-    # 24 MB in the container and 24 MB in its image: over 40 MB, though nothing is running to stop.
-    message = _wait_refused(alice, curated_image)
-    assert "MB in its images" in message and "were stopped" not in message, message
     assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
-    assert _create(alice, curated_image, ["true"]).status == 201
-    # An image built on it holds the same 24 MB: counted twice it would be 48 MB again.
-    built = alice.build("FROM filled\nRUN echo more > /more\n", tag="filled-more")
-    assert b'"error"' not in built.body, built.body
+    # Images built on it hold the same 16 MB: counted for each, 48 MB, past the budget.
+    for word in ("more", "most"):
+        built = alice.build(f"FROM filled\nRUN echo {word} > /{word}\n", tag=f"filled-{word}")
+        assert b'"error"' not in built.body, built.body
     time.sleep(2 * CHECK_SECONDS + 1)
     answer = _create(alice, curated_image, ["true"])
     assert answer.status == 201, answer.body
+    alice.call("DELETE", f"/v1.41/containers/{answer.json()['Id']}")
+    # Its images' 16 MB count: 26 MB more in a container is past the budget, though the container alone is not.
+    writer = alice.run(curated_image, ["sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=26 && sleep 600"])
+    assert _wait_stopped(engine, writer)["ExitCode"] == 137
+    assert "MB in its images" in _wait_refused(alice, curated_image)
+
+
+def test_a_commit_that_would_take_the_sandbox_past_its_budget_is_refused_before_it_is_written(
+    student_factory: Any, curated_image: str, engine: docker.APIClient
+) -> None:
+    alice = student_factory(disk_budget_mb=40)
+    # Within the budget as it stands; the engine would write its 24 MB again for the image, in one request.
+    writer = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=24"])
+    assert _wait_stopped(engine, writer)["ExitCode"] == 0
+    answer = alice.call("POST", f"/v1.41/commit?container={writer}&repo=filled")
+    assert answer.status == 403, answer.body
+    assert "would keep" in answer.message and "more than the 40 MB" in answer.message, answer.message
+    assert not owned_objects(engine, alice)["images"]
+    # Once the student has made room, it goes through.
+    small = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=8"])
+    assert _wait_stopped(engine, small)["ExitCode"] == 0
+    assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
+    assert alice.call("POST", f"/v1.41/commit?container={small}&repo=filled").status == 201
 
 
 def test_a_restarted_gateway_stops_nothing_it_did_not_see_grow(
