@@ -23,7 +23,8 @@ with a message saying that the feature is not available in the sandbox. For the 
 * Builds: classic builder only, no remote context, no host network (RUN steps get no network), no pull,
   no cgroup parent, limits forced; the Dockerfile's FROM and COPY --from images are resolved as the student
   sees them (their own or curated; a stage's own name, within it, is an image's, as the classic builder
-  reads it), ADD of URLs and ONBUILD are refused, and variables in FROM or ADD sources are refused because
+  reads it), ADD of URLs, ADD of an archive in the context (which the engine would unpack, to whatever size,
+  in no container) and ONBUILD are refused, and variables in FROM or ADD sources are refused because
   they would be resolved after this check (ADD in JSON form is read as the engine decodes it, and JSON
   escapes there are refused). The Dockerfile (at most 256 KB) is read as the engine's parser reads it, in
   linear time, and what its versions could read two ways is refused. Compressed contexts are expanded
@@ -43,6 +44,7 @@ with a message saying that the feature is not available in the sandbox. For the 
 """
 
 import bz2
+import fnmatch
 import io
 import json
 import lzma
@@ -1505,6 +1507,48 @@ def build_context_dockerfile(context: bytes, dockerfile: str, *, limit: int) -> 
         500,
         f"Cannot locate specified Dockerfile: {dockerfile or 'Dockerfile'}",
     )
+
+
+# What the engine unpacks when ADD names it: a tar archive, plain or compressed (gzip, bzip2, xz, zstd).
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def _is_archive(head: bytes) -> bool:
+    if head.startswith(COMPRESSED_MAGIC):
+        return True
+    try:
+        tarfile.TarInfo.frombuf(head[:512].ljust(512, b"\0"), "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def refuse_added_archives(instructions: list[Instruction], context: bytes) -> None:
+    """ADD of an archive in the context has the engine unpack it itself, to whatever size it expands (a few MB
+    of compressed zeros to many GB), on the disk every student shares, in one step that no container runs and
+    no look can stop. Every word of an ADD is read as a source (which may be a pattern), and each file of the
+    context it matches is looked at."""
+    words = [
+        word
+        for instruction in instructions
+        if instruction.word == "ADD"
+        for source in add_sources(instruction.args)
+        for word in source.strip("[]").replace(",", " ").replace('"', " ").split()
+    ]
+    if not words:
+        return
+    patterns = {posixpath.normpath(word).lstrip("/") for word in words}
+    with tarfile.open(fileobj=io.BytesIO(context), mode="r:") as archive:
+        for member in archive:
+            name = posixpath.normpath(member.name).lstrip("/")
+            if not member.isfile() or not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+                continue
+            handle = archive.extractfile(member)
+            if handle is not None and _is_archive(handle.read(512)):
+                raise not_available(
+                    f"ADD of an archive ({name}), which docker would unpack itself, whatever it unpacks to: "
+                    "COPY it, and unpack it in a RUN step (tar -xf)"
+                )
 
 
 def build_context_replace(context: bytes, *, member_name: str, text: str) -> bytes:

@@ -1985,6 +1985,7 @@ class StudentGateway:
             limit=self.config.build_context_max,
         )
         plan = policy.dockerfile_plan(context.dockerfile_text)
+        await asyncio.to_thread(policy.refuse_added_archives, plan.dockerfile.instructions, context.tar)
         resolved: dict[str, str] = {}
         inherited = 0
         for position, image in [*plan.images.items(), *plan.copy_from.items()]:

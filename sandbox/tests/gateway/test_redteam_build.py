@@ -1,10 +1,13 @@
 """Builds that read one way to a naive parser and another to the engine's: each would reach another student's
 image (FROM or COPY --from), forge a reserved label, or hide ONBUILD, and each is refused."""
 
+import gzip
 import io
 import json
+import lzma
 import tarfile
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -233,3 +236,37 @@ def test_a_build_reuses_no_step_another_student_ran(
 
     answer = _build(alice, context, "t=probe&cachefrom=" + quote('{"not": "a list"}'))
     assert answer.status == 400 and "cachefrom" in answer.message, answer.body
+
+
+@pytest.mark.parametrize("compress", ["", "gz", "xz"])
+def test_add_of_an_archive_that_the_engine_would_unpack_is_refused(
+    student: StudentSession, curated_image: str, engine: docker.APIClient, compress: str
+) -> None:
+    """ADD unpacks a tar archive of the context in the engine itself, in no container the disk watch could
+    stop: a few MB of compressed zeros become many GB of the disk every student shares."""
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as bomb:
+        info = tarfile.TarInfo("zeros")
+        info.size = 4 * 1024 * 1024
+        bomb.addfile(info, io.BytesIO(bytes(info.size)))
+    compressors: dict[str, Callable[[bytes], bytes]] = {"": bytes, "gz": gzip.compress, "xz": lzma.compress}
+    payload = compressors[compress](plain.getvalue())
+    for dockerfile in (
+        f"FROM {curated_image}\nADD payload.bin /unpacked/\n",
+        f'FROM {curated_image}\nADD ["pay*.bin", "/unpacked/"]\n',
+    ):
+        context = _context({"Dockerfile": dockerfile.encode(), "payload.bin": payload})
+        answer = _build(student, context)
+        assert answer.status == 403, answer.body
+        assert "ADD of an archive (payload.bin)" in answer.message and "COPY" in answer.message, answer.message
+    assert not owned_objects(engine, student)["images"]
+    # A file that is no archive is added as it is, and the archive itself may be copied.
+    context = _context(
+        {
+            "Dockerfile": f"FROM {curated_image}\nADD notes.txt /\nCOPY payload.bin /\n".encode(),
+            "notes.txt": b"BZ is not bzip2\n",
+            "payload.bin": payload,
+        }
+    )
+    answer = _build(student, context)
+    assert answer.status == 200 and b"Successfully tagged probe:latest" in answer.body, answer.body
