@@ -2229,9 +2229,16 @@ class StudentGateway:
         settings for builds, is changed (and counted as the sandbox's), since a RUN step may print the same
         words as the builder."""
         # Each step's image takes the sandbox's disk until the build's image holds it (or it is removed).
-        named = set(output.step_images) - output.claimed
-        output.claimed |= named
-        self.build_images.update(named)
+        # A RUN step may print what the builder prints: only an image the engine made since the build began is
+        # counted as the build's.
+        for image in set(output.step_images) - output.claimed - output.passed:
+            detail = await self.engine.call("GET", f"/images/{q(image)}/json")
+            made = detail.json() if detail.status == 200 else {}
+            if str(made.get("Id", "")).removeprefix("sha256:").startswith(image) and made_since(made, started):
+                output.claimed.add(image)
+                self.build_images[image] += 1
+            else:
+                output.passed.add(image)
         while output.step_containers:
             ref = output.step_containers.pop(0)
             response = await self.engine.call("GET", f"/containers/{ref}/json")
@@ -2418,8 +2425,10 @@ class BuildOutput(LineRewriter):
         self.step_containers: list[str] = []
         # The IDs of the step containers the gateway limited, in full: the build's own.
         self.limited: list[str] = []
-        # The step images the build's sandbox counts as its own while the build runs.
+        # The step images the build's sandbox counts as its own while the build runs, and those it was told of
+        # that the build did not make.
         self.claimed: set[str] = set()
+        self.passed: set[str] = set()
         self.last_container = ""
         # The images the builder says its steps made (the first is the image a stage starts from).
         self.step_images: list[str] = []
