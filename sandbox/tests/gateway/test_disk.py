@@ -39,6 +39,13 @@ def _wait_stopped(engine: docker.APIClient, container_id: str, timeout: float = 
     raise AssertionError(f"container {container_id[:12]} still runs {timeout}s on")
 
 
+def _filled(student: StudentSession, engine: docker.APIClient, image: str, megabytes: int) -> str:
+    """A container that wrote `megabytes` to its writable layer, and stopped."""
+    container = student.run(image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", f"count={megabytes}"])
+    assert _wait_stopped(engine, container)["ExitCode"] == 0
+    return container
+
+
 def _wait_refused(student: StudentSession, image: str, timeout: float = 20) -> str:
     """The refusal of the sandbox's next container, once the disk watch has seen what it keeps."""
     deadline = time.monotonic() + timeout
@@ -327,8 +334,7 @@ def test_own_images_count_against_the_budget_and_a_layer_they_share_counts_once(
     student_factory: Any, curated_image: str, engine: docker.APIClient
 ) -> None:
     alice = student_factory(disk_budget_mb=40)
-    writer = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=16"])
-    assert _wait_stopped(engine, writer)["ExitCode"] == 0
+    writer = _filled(alice, engine, curated_image, 16)
     committed = alice.call("POST", f"/v1.41/commit?container={writer}&repo=filled")
     assert committed.status == 201, committed.body
     assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
@@ -351,15 +357,13 @@ def test_a_commit_that_would_take_the_sandbox_past_its_budget_is_refused_before_
 ) -> None:
     alice = student_factory(disk_budget_mb=40)
     # Within the budget as it stands; the engine would write its 24 MB again for the image, in one request.
-    writer = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=24"])
-    assert _wait_stopped(engine, writer)["ExitCode"] == 0
+    writer = _filled(alice, engine, curated_image, 24)
     answer = alice.call("POST", f"/v1.41/commit?container={writer}&repo=filled")
     assert answer.status == 403, answer.body
     assert "would keep" in answer.message and "more than the 40 MB" in answer.message, answer.message
     assert not owned_objects(engine, alice)["images"]
     # Once the student has made room, it goes through.
-    small = alice.run(curated_image, ["dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=8"])
-    assert _wait_stopped(engine, small)["ExitCode"] == 0
+    small = _filled(alice, engine, curated_image, 8)
     assert alice.call("DELETE", f"/v1.41/containers/{writer}").status == 204
     assert alice.call("POST", f"/v1.41/commit?container={small}&repo=filled").status == 201
 
