@@ -44,7 +44,6 @@ with a message saying that the feature is not available in the sandbox. For the 
 """
 
 import bz2
-import fnmatch
 import io
 import json
 import lzma
@@ -1509,45 +1508,135 @@ def build_context_dockerfile(context: bytes, dockerfile: str, *, limit: int) -> 
     )
 
 
-# What the engine unpacks when ADD names it: a tar archive, plain or compressed (gzip, bzip2, xz, zstd).
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+# A zstd stream: the engine reads it, the standard library cannot, so it is taken for an archive.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+TAR_BLOCK = 512
 
 
-def _is_archive(head: bytes) -> bool:
-    if head.startswith(COMPRESSED_MAGIC):
-        return True
+def _tar_head(data: bytes) -> bytes | None:
+    """The first block of a file as the engine reads it to tell whether ADD unpacks it: decompressed if it is
+    compressed (gzip, bzip2, xz), b"" if it does not decompress, None if this cannot be told."""
     try:
-        tarfile.TarInfo.frombuf(head[:512].ljust(512, b"\0"), "utf-8", "surrogateescape")
+        if data.startswith(b"\x1f\x8b"):
+            return zlib.decompressobj(31).decompress(data, TAR_BLOCK)
+        if data.startswith(b"BZh"):
+            return bz2.BZ2Decompressor().decompress(data, max_length=TAR_BLOCK)
+        if data.startswith(b"\xfd7zXZ\x00"):
+            return lzma.LZMADecompressor().decompress(data, max_length=TAR_BLOCK)
+    except (zlib.error, OSError, EOFError, lzma.LZMAError):
+        return b""
+    if data.startswith(ZSTD_MAGIC):
+        return None
+    return data[:TAR_BLOCK]
+
+
+def _unpacked_by_add(data: bytes) -> bool:
+    """Whether the engine would unpack a file that ADD names: one whose (decompressed) start is a tar header."""
+    head = _tar_head(data)
+    if head is None:
+        return True
+    if len(head) < TAR_BLOCK:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
     except tarfile.HeaderError:
         return False
     return True
 
 
+def _go_glob(pattern: str) -> "re.Pattern[str] | None":
+    """A pattern as Go's filepath.Match reads it (the engine's, for ADD sources), as a regular expression: `*`
+    and `?` stop at a slash, `[^...]` is a negated class, a backslash escapes. None for a pattern Go would
+    refuse. A negated class here matches a slash too, which can only make more names match."""
+    out, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        i += 1
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "\\":
+            if i == len(pattern):
+                return None
+            out.append(re.escape(pattern[i]))
+            i += 1
+        elif char == "[":
+            negated = pattern[i : i + 1] == "^"
+            i += negated
+            ranges: list[str] = []
+            while True:
+                if i == len(pattern):
+                    return None
+                if pattern[i] == "]" and ranges:
+                    i += 1
+                    break
+                ends = []
+                for _ in range(2):
+                    if i == len(pattern) or pattern[i] in "-]":
+                        return None
+                    if pattern[i] == "\\":
+                        i += 1
+                        if i == len(pattern):
+                            return None
+                    ends.append(pattern[i])
+                    i += 1
+                    if pattern[i : i + 1] != "-":
+                        break
+                    i += 1
+                ranges.append("-".join(re.escape(end) for end in ends))
+            out.append(f"[{'^' if negated else ''}{''.join(ranges)}]")
+        else:
+            out.append(re.escape(char))
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _add_words(args: str) -> set[str]:
+    """Every source an ADD may name, however the engine reads its arguments (each decoded JSON item as it
+    is, and each word of the text, with and without its quotes); its destination among them."""
+    words = {word for text in add_sources(args) for word in text.split()}
+    if args.startswith("["):
+        try:
+            decoded, _end = json.JSONDecoder().raw_decode(args)
+        except (ValueError, RecursionError):
+            decoded = None
+        if isinstance(decoded, list):
+            words |= {str(item) for item in decoded}
+    return {posixpath.normpath(word.strip('[],"')).lstrip("/") for word in words if word.strip('[],"')}
+
+
 def refuse_added_archives(instructions: list[Instruction], context: bytes) -> None:
     """ADD of an archive in the context has the engine unpack it itself, to whatever size it expands (a few MB
     of compressed zeros to many GB), on the disk every student shares, in one step that no container runs and
-    no look can stop. Every word of an ADD is read as a source (which may be a pattern), and each file of the
-    context it matches is looked at."""
-    words = [
-        word
-        for instruction in instructions
-        if instruction.word == "ADD"
-        for source in add_sources(instruction.args)
-        for word in source.strip("[]").replace(",", " ").replace('"', " ").split()
-    ]
-    if not words:
+    no look can stop. Every word of an ADD is read as a source (which may be a pattern); each file of the
+    context it names is looked at as the engine would, and a link it names (which the engine follows) is
+    refused as it stands."""
+    patterns = []
+    for instruction in instructions:
+        if instruction.word != "ADD":
+            continue
+        for word in _add_words(instruction.args):
+            pattern = _go_glob(word)
+            if pattern is None:
+                raise Refused(f"the sandbox cannot read the ADD source {word!r}: write it plainly")
+            patterns.append(pattern)
+    if not patterns:
         return
-    patterns = {posixpath.normpath(word).lstrip("/") for word in words}
     with tarfile.open(fileobj=io.BytesIO(context), mode="r:") as archive:
         for member in archive:
             name = posixpath.normpath(member.name).lstrip("/")
-            if not member.isfile() or not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            if not any(pattern.match(name) for pattern in patterns):
                 continue
-            handle = archive.extractfile(member)
-            if handle is not None and _is_archive(handle.read(512)):
-                raise not_available(
-                    f"ADD of an archive ({name}), which docker would unpack itself, whatever it unpacks to: "
-                    "COPY it, and unpack it in a RUN step (tar -xf)"
+            if member.issym() or member.islnk():
+                raise Refused(
+                    f"ADD of a link ({name}), which docker would follow, is not available in the Layercake "
+                    "sandbox: ADD or COPY what it names"
+                )
+            handle = archive.extractfile(member) if member.isfile() else None
+            if handle is not None and _unpacked_by_add(handle.read()):
+                raise Refused(
+                    f"ADD of an archive ({name}), which docker would unpack itself whatever it unpacks to, is not "
+                    "available in the Layercake sandbox: COPY it, and unpack it in a RUN step (tar -xf)"
                 )
 
 

@@ -251,22 +251,38 @@ def test_add_of_an_archive_that_the_engine_would_unpack_is_refused(
         bomb.addfile(info, io.BytesIO(bytes(info.size)))
     compressors: dict[str, Callable[[bytes], bytes]] = {"": bytes, "gz": gzip.compress, "xz": lzma.compress}
     payload = compressors[compress](plain.getvalue())
-    for dockerfile in (
-        f"FROM {curated_image}\nADD payload.bin /unpacked/\n",
-        f'FROM {curated_image}\nADD ["pay*.bin", "/unpacked/"]\n',
+    # However the source is spelled: as the engine's Go patterns read it, with a space in JSON form, or
+    # through a link, which the engine follows.
+    for source, name in (
+        ("payload.bin", "payload.bin"),
+        ('["pay*.bin", "/unpacked/"]', "payload.bin"),
+        ("payloa[^x].bin", "payload.bin"),
+        ('["my payload.bin", "/unpacked/"]', "my payload.bin"),
     ):
-        context = _context({"Dockerfile": dockerfile.encode(), "payload.bin": payload})
-        answer = _build(student, context)
+        add = source if source.startswith("[") else f"{source} /unpacked/"
+        files = {"Dockerfile": f"FROM {curated_image}\nADD {add}\n".encode(), name: payload}
+        answer = _build(student, _context(files))
         assert answer.status == 403, answer.body
-        assert "ADD of an archive (payload.bin)" in answer.message and "COPY" in answer.message, answer.message
+        assert f"ADD of an archive ({name})" in answer.message and "COPY" in answer.message, answer.message
+    files = {
+        "Dockerfile": f"FROM {curated_image}\nADD link /unpacked/\n".encode(),
+        "payload.bin": payload,
+        "link": b"",
+    }
+    answer = _build(student, _context(files, symlinks={"link": "payload.bin"}))
+    assert answer.status == 403 and "ADD of a link (link)" in answer.message, answer.body
     assert not owned_objects(engine, student)["images"]
-    # A file that is no archive is added as it is, and the archive itself may be copied.
+    # What the engine would not unpack is added as it is (text, and a compressed file that holds no tar
+    # archive), and the archive itself may be copied.
+    dockerfile = f"FROM {curated_image}\nADD notes.txt data.csv.gz /\nCOPY payload.bin /\nRUN ls -l /data.csv.gz\n"
     context = _context(
         {
-            "Dockerfile": f"FROM {curated_image}\nADD notes.txt /\nCOPY payload.bin /\n".encode(),
-            "notes.txt": b"BZ is not bzip2\n",
+            "Dockerfile": dockerfile.encode(),
+            "notes.txt": b"BZh is not always bzip2\n",
+            "data.csv.gz": gzip.compress(b"a,b\n" * 1000),
             "payload.bin": payload,
         }
     )
     answer = _build(student, context)
     assert answer.status == 200 and b"Successfully tagged probe:latest" in answer.body, answer.body
+    assert b"/data.csv.gz" in answer.body, answer.body
