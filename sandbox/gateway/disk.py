@@ -356,14 +356,14 @@ class DiskWatch:
         )
         listed = listed or []
         steps = {container for sandbox in self.sandboxes.values() for container in sandbox.build_containers}
-        unsized = [
+        unsized = {
             str(c["Id"])
             for c in listed
             if c.get("State") in WRITING
             or not following
             or str(c["Id"]) not in settled
             or settled[str(c["Id"])][1] < began - SETTLED_SECONDS
-        ]
+        }
         sized: dict[str, dict[str, Any]] = {}
         if unsized or steps:
             answer = await self.engine.json(
@@ -378,9 +378,10 @@ class DiskWatch:
                     self.settled[container_id] = (int(container.get("SizeRw") or 0), began)
         present = {str(c["Id"]) for c in listed}
         self.settled = {key: value for key, value in self.settled.items() if key in present}
-        # One gone between the two answers holds nothing.
+        # One to be sized that was gone by then holds nothing.
         containers = [
-            sized.get(str(c["Id"])) or {**c, "SizeRw": settled.get(str(c["Id"]), (0, began))[0]} for c in listed
+            sized.get(str(c["Id"])) or {**c, "SizeRw": 0 if str(c["Id"]) in unsized else settled[str(c["Id"])][0]}
+            for c in listed
         ] + [sized[step] for step in steps if step in sized]
         return Look(
             containers=containers,
